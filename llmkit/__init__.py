@@ -1,0 +1,5 @@
+"""llmkit: a complete, hackable LLM toolkit on PyTorch."""
+from llmkit.config import PRESETS, ModelConfig, preset
+from llmkit.errors import LlmkitError
+
+__version__ = "0.1.0"
