@@ -1,0 +1,95 @@
+"""Model directories on disk: config.json + model.safetensors + tokenizer.json.
+
+This is the one format every llmkit command reads and writes. Training state
+(optimizer, RNG, data position) lives beside it in the trainer's own file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from llmkit.config import ModelConfig
+from llmkit.errors import LlmkitError
+from llmkit.utils import atomic_open, atomic_path
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_checkpoint(out_dir, model, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write model weights, config and tokenizer into `out_dir`, each file atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Tied weights share storage; safetensors refuses aliases, so store each tensor once.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    meta = {"arch": getattr(model, "arch", "decoder"), "model": model.config.to_dict(), **(extra or {})}
+    with atomic_open(out_dir / CONFIG_FILE) as f:
+        json.dump(meta, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(out_dir / TOKENIZER_FILE)
+    return out_dir
+
+
+def read_meta(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise LlmkitError(f"no such model: {path}")
+    cfg_path = path / CONFIG_FILE
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise LlmkitError(f"{path} is not an llmkit model directory (no {CONFIG_FILE})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise LlmkitError(f"cannot read {cfg_path}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, weights_path) -> None:
+    """Load safetensors weights into `model`, naming the file and the first mismatch on failure."""
+    try:
+        state = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise LlmkitError(f"missing weights file {weights_path}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LlmkitError(f"corrupt weights file {weights_path}: {e}") from None
+    expected = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LlmkitError(f"{weights_path} does not match the model config: "
+                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise LlmkitError(f"{weights_path} does not match the model config: {name} has shape "
+                              f"{tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load (model, tokenizer) from an llmkit model directory."""
+    from llmkit.model.decoder import GPT
+    from llmkit.tokenizer import Tokenizer
+
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("arch", "decoder") != "decoder":
+        raise LlmkitError(f"{path} holds a {meta['arch']!r} model, not a decoder")
+    config = ModelConfig.from_dict(meta["model"])
+    model = GPT(config)
+    load_weights(model, path / WEIGHTS_FILE)
+    tok_path = path / TOKENIZER_FILE
+    if not tok_path.exists():
+        raise LlmkitError(f"missing tokenizer {tok_path}")
+    tokenizer = Tokenizer.load(tok_path)
+    return model.to(device).eval(), tokenizer
