@@ -22,6 +22,9 @@ demo: $(STAMP)
 	$(VENV)/bin/llmkit demo
 
 test: $(STAMP)
+	@# The serving tests drive the chat page in Debian's Chromium; never a browser downloaded by Playwright.
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 	$(PY) -m pytest -n 2 --timeout 900 -q
 
 clean:
