@@ -1,0 +1,185 @@
+"""Knowledge distillation: train a student to match a teacher's next-token distributions.
+
+Loss (Hinton et al., 2015), over the positions that have a target:
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, targets)
+T^2 keeps the soft term's gradients on the scale of the hard term's as T changes.
+
+The teacher runs under torch.inference_mode() in eval mode. With `top_k`, the teacher's
+distribution is first cut to its k most likely tokens (renormalised); `TeacherTopK` precomputes
+that for every aligned window of the training split once, so training never runs the teacher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmkit.errors import LlmkitError
+from llmkit.train import Trainer
+
+IGNORE = -100
+
+
+@dataclass
+class TopK:
+    """A teacher distribution kept as its k largest logits per position: (..., k) each."""
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per row of (N, V) student logits; teacher is (N, V) logits or TopK (N, k)."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if isinstance(teacher, TopK):
+        log_p_t = F.log_softmax(teacher.values.float() / temperature, dim=-1)
+        log_p_s = log_p_s.gather(-1, teacher.indices.long())
+    else:
+        log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher, targets: torch.Tensor,
+                      temperature: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """Mixed soft/hard loss over positions whose target is not IGNORE.
+
+    student_logits (B, T, V); teacher (B, T, V) logits or TopK with (B, T, k) tensors; targets (B, T).
+    """
+    if not isinstance(teacher, TopK) and teacher.size(-1) != student_logits.size(-1):
+        raise LlmkitError(f"teacher vocabulary ({teacher.size(-1)}) does not match the student's "
+                          f"({student_logits.size(-1)})")
+    keep = targets != IGNORE
+    s = student_logits[keep]
+    hard = F.cross_entropy(s.float(), targets[keep])
+    if alpha == 0:
+        return hard
+    t = TopK(teacher.values[keep], teacher.indices[keep]) if isinstance(teacher, TopK) else teacher[keep]
+    soft = soft_cross_entropy(s, t, temperature).mean() * temperature ** 2
+    return alpha * soft + (1 - alpha) * hard
+
+
+def check_compatible(teacher, teacher_tok, student_config, student_tok) -> None:
+    """Same vocabulary size and the same token <-> id map, or the distributions mean nothing."""
+    tv, sv = teacher.config.vocab_size, student_config.vocab_size
+    if tv != sv:
+        raise LlmkitError(f"teacher vocab size {tv} != student vocab size {sv}: "
+                          "distillation needs one shared tokenizer")
+    if teacher_tok is not None and student_tok is not None and teacher_tok.hf.get_vocab() != student_tok.hf.get_vocab():
+        raise LlmkitError("teacher and student tokenizers differ (same size, different tokens); "
+                          "distillation needs one shared tokenizer")
+
+
+@torch.inference_mode()
+def teacher_logits(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits, _ = teacher(x)
+    return logits
+
+
+class TeacherTopK:
+    """The teacher's top-k logits for every window tokens[i*B : i*B+B] of a split, computed once.
+
+    Windows are aligned (non-overlapping) so each position has exactly one cached distribution;
+    `AlignedWindowSampler` draws training batches from the same windows.
+    """
+
+    def __init__(self, teacher, tokens, block_size: int, k: int, batch_size: int = 16, device="cpu"):
+        if k < 1:
+            raise LlmkitError(f"top_k must be >= 1, got {k}")
+        self.block_size, self.k = block_size, k
+        n = (len(tokens) - 1) // block_size
+        if n < 1:
+            raise LlmkitError(f"split has {len(tokens)} tokens, fewer than block_size+1 = {block_size + 1}")
+        self.values = torch.empty(n, block_size, k, dtype=torch.float16)
+        self.indices = torch.empty(n, block_size, k, dtype=torch.int32)
+        teacher.eval()
+        for first in range(0, n, batch_size):
+            rows = range(first, min(first + batch_size, n))
+            x = torch.from_numpy(np.stack([np.asarray(tokens[i * block_size:(i + 1) * block_size], dtype=np.int64)
+                                           for i in rows]))
+            top = teacher_logits(teacher, x.to(device)).float().topk(k, dim=-1)
+            self.values[rows.start:rows.stop] = top.values.cpu().half()
+            self.indices[rows.start:rows.stop] = top.indices.cpu().int()
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def lookup(self, windows: torch.Tensor) -> TopK:
+        return TopK(self.values[windows], self.indices[windows])
+
+
+class AlignedWindowSampler:
+    """Random batches of aligned windows (so TeacherTopK has their teacher targets); resumable.
+
+    Same interface as RandomWindowSampler; `last_windows` names the windows of the last batch.
+    """
+
+    def __init__(self, tokens, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.n_windows = (len(tokens) - 1) // block_size
+        if self.n_windows < 1:
+            raise LlmkitError(f"split has {len(tokens)} tokens, fewer than block_size+1 = {block_size + 1}")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_windows = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = torch.randint(self.n_windows, (self.batch_size * self.world_size,), generator=self.generator)
+        self.last_windows = picks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        starts = self.last_windows.numpy() * self.block_size
+        rows = np.asarray(self.tokens[starts[:, None] + np.arange(self.block_size + 1)]).astype(np.int64)
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
+
+
+class DistillTrainer(Trainer):
+    """The standard Trainer (same data dir, presets, checkpoints, resume, DDP) with a distillation loss.
+
+    Validation stays plain cross-entropy, so val_loss compares directly with a run trained from scratch.
+    """
+
+    def __init__(self, config, teacher, teacher_tokenizer=None, temperature: float = 2.0, alpha: float = 0.5,
+                 top_k: int | None = None, resume: bool = False):
+        if temperature <= 0:
+            raise LlmkitError(f"temperature must be positive, got {temperature}")
+        if not 0 <= alpha <= 1:
+            raise LlmkitError(f"alpha must be in [0, 1], got {alpha}")
+        self.teacher, self.teacher_tokenizer = teacher.eval(), teacher_tokenizer
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature, self.alpha, self.top_k = temperature, alpha, top_k
+        self.teacher_cache = None
+        super().__init__(config, resume)
+        self.teacher.to(self.device)
+
+    def build_model_config(self):
+        from llmkit.tokenizer import Tokenizer
+
+        config = super().build_model_config()
+        check_compatible(self.teacher, self.teacher_tokenizer, config, Tokenizer.load(self.tokenizer_file))
+        return config
+
+    def _sampler(self, tokens, seed: int):
+        if self.top_k is None:
+            return super()._sampler(tokens, seed)
+        if tokens is self.train_tokens and self.teacher_cache is None:
+            self.teacher_cache = TeacherTopK(self.teacher.to(self.device), tokens, self.config.block_size,
+                                             self.top_k, device=self.device)
+        return AlignedWindowSampler(tokens, self.config.block_size, self.config.batch_size, seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.model.training:  # validation: the hard loss only
+            return super().compute_loss(x, y)
+        logits, _ = self.model(x)
+        if self.teacher_cache is not None:
+            top = self.teacher_cache.lookup(self.train_sampler.last_windows)
+            teacher = TopK(top.values.to(self.device), top.indices.to(self.device))
+        else:
+            teacher = teacher_logits(self.teacher, x)
+        return distillation_loss(logits, teacher, y, self.temperature, self.alpha)
