@@ -1,5 +1,7 @@
 """llmkit: a complete, hackable LLM toolkit on PyTorch."""
 from llmkit.config import PRESETS, ModelConfig, preset
 from llmkit.errors import LlmkitError
+from llmkit.evaluate import perplexity
+from llmkit.train import Trainer, TrainConfig
 
 __version__ = "0.1.0"

@@ -11,6 +11,55 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="llmkit: from raw text to a served chat model.")
 
 
+@app.command(context_settings={"allow_interspersed_args": True})
+def train(
+    args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
+                                     help="optional YAML config, then overrides like lr=3e-4 model.n_layer=6"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in out_dir"),
+    data: str = typer.Option(None, "--data", help="prepared data dir (data_dir=...)"),
+    out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
+    preset: str = typer.Option(None, "--preset", help="model preset name"),
+    max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps to train for"),
+):
+    """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
+    from llmkit.train import Trainer, load_train_config
+
+    args = list(args or [])
+    config_file = args.pop(0) if args and "=" not in args[0] else None
+    config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps)
+    trainer = Trainer(config, resume=resume)
+    metrics = trainer.fit()
+    if trainer.dist.is_main and "loss" in metrics:
+        val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+        print(f"step {metrics['step']}: loss {metrics['loss']:.4f}{val}; model saved to {config.out_dir}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help="model dir (config.json + model.safetensors)"),
+    text: str = typer.Option(None, "--text", help="plain-text file to score"),
+    data: str = typer.Option(None, "--data", help="prepared data dir to score"),
+    split: str = typer.Option("val", "--split", help="split of --data: train or val"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    stride: int = typer.Option(None, "--stride", help="window stride (default: block_size, no overlap)"),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="score only the first N tokens"),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Mean loss (nats/token) and perplexity of a model on text or a data split."""
+    import json
+
+    from llmkit.evaluate import evaluate_model
+
+    result = evaluate_model(model, text_file=text, data_dir=data, split=split, batch_size=batch_size,
+                            stride=stride, max_tokens=max_tokens, device=device)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['source']}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+              f"({result['tokens']} tokens)")
+
+
 def main() -> None:
     try:
         app()
