@@ -60,6 +60,28 @@ def eval_(
               f"({result['tokens']} tokens)")
 
 
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model",
+                              help="decoder (llmkit/HF dir, .gguf, short name) or an encoder for embeddings"),
+    embedding_model: str = typer.Option(None, "--embedding-model", help="encoder served at /v1/embeddings too"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8000, "--port"),
+    api_key: str = typer.Option(None, "--api-key", envvar="LLMKIT_API_KEY",
+                                help="require 'Authorization: Bearer KEY' on /v1 and /metrics"),
+    max_batch: int = typer.Option(16, "--max-batch", help="sequences decoded together (1 = one at a time)"),
+    max_queue: int = typer.Option(128, "--max-queue", help="waiting sequences before HTTP 429"),
+    context: int = typer.Option(None, "--context", help="tokens per sequence, prompt + output (default: model's)"),
+    timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
+):
+    """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
+    from llmkit.serve import serve
+
+    serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
+          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,61 @@
+"""`llmkit serve`: an OpenAI-compatible HTTP server with continuous batching and a chat page.
+
+    from llmkit.serve import build_app, serve
+    serve("smollm2-135m-instruct", port=8000)          # blocks; Ctrl-C stops it
+
+Pieces: engine.py (the batching scheduler), app.py (routes), openai_stream.py (requests to
+jobs, events to OpenAI JSON/SSE), gate.py (auth, body limit, request metrics), metrics.py,
+schemas.py (pydantic bodies = the OpenAPI schema), static/ (the chat page).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmkit.errors import LlmkitError
+from llmkit.serve.app import create_app
+from llmkit.serve.engine import Engine, SamplingParams
+
+__all__ = ["Engine", "SamplingParams", "build_app", "create_app", "serve", "served_name"]
+
+
+def served_name(name_or_path: str) -> str:
+    """The id clients put in `model`: a short name as given, else the file or directory name."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return name_or_path
+    return path.stem if path.is_file() else path.resolve().name
+
+
+def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: str | None = None,
+              max_batch: int = 16, max_queue: int = 128, context: int | None = None, timeout: float = 600.0,
+              api_key: str | None = None, max_body_bytes: int = 1 << 20):
+    """Load the models and wire engine and app. `model` may be a decoder (chat/completions) or an
+    encoder (then it serves embeddings); `embedding_model` adds an encoder beside a decoder."""
+    from llmkit.serve.embeddings import is_encoder, load_embedder
+
+    engine = embedder = decoder_name = embed_name = None
+    if model is not None and is_encoder(model):
+        if embedding_model is not None:
+            raise LlmkitError(f"--model {model} is already an embedding model; drop --embedding-model")
+        model, embedding_model = None, model
+    if model is not None:
+        from llmkit.models import resolve_model
+
+        net, tokenizer = resolve_model(model)
+        engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,
+                        timeout=timeout)
+        decoder_name = served_name(model)
+    if embedding_model is not None:
+        embedder = load_embedder(embedding_model)
+        embed_name = served_name(embedding_model)
+    return create_app(engine, decoder_name or "none", embedder=embedder, embedding_model=embed_name,
+                      api_key=api_key, max_body_bytes=max_body_bytes)
+
+
+def serve(model: str | None = "smollm2-135m-instruct", *, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info", **options) -> None:
+    """Build the app and run it under uvicorn until interrupted."""
+    import uvicorn
+
+    app = build_app(model, **options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,173 @@
+"""The HTTP server: OpenAI-compatible routes over the batching engine, plus the chat page.
+
+Every failure a client can cause comes back as a 4xx with OpenAI's error body
+{"error": {"message", "type", "code", "param"}}; generation itself runs on the
+engine's thread, so the event loop only parses, validates and streams.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmkit.errors import LlmkitError
+from llmkit.serve import schemas as S
+from llmkit.serve.gate import Gate
+from llmkit.serve.metrics import Metrics
+from llmkit.serve.openai_stream import ApiError, Streamer
+
+log = logging.getLogger("llmkit.serve")
+STATIC = Path(__file__).parent / "static"
+ERRORS = {code: {"model": S.ErrorResponse} for code in (400, 401, 404, 413, 429)}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def _error(status: int, message: str, type_: str, code: str | None, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": None}},
+                        status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return f"{where}: {first.get('msg', 'invalid value')}"
+
+
+def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedding_model: str | None = None,
+               api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+    """The ASGI app. `engine` (an Engine, started and stopped with the app) serves completions;
+    `embedder(texts) -> (float32 array (N, D), token count)` serves /v1/embeddings as `embedding_model`."""
+    if engine is None and embedder is None:
+        raise LlmkitError("nothing to serve: give a decoder model, an embedding model, or both")
+    metrics = Metrics(engine)
+    streamer = Streamer(engine, model_name, metrics) if engine is not None else None
+    models = ([model_name] if engine is not None else []) + ([embedding_model] if embedder else [])
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if engine is not None:
+            engine.start()
+        try:
+            yield
+        finally:
+            if engine is not None:
+                engine.stop()
+
+    app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions, chat and embeddings from an llmkit model.")
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        return _error(400, _validation_message(exc), "invalid_request_error", "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), ERROR_TYPES.get(exc.status_code, "invalid_request_error"),
+                      None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal server error", "server_error", None)
+
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": started, "owned_by": "llmkit"}
+
+    def generator_for(name: str) -> Streamer:
+        if name not in models:
+            raise ApiError(404, f"model {name!r} is not served here; try one of {models}",
+                           "not_found_error", "model_not_found")
+        if name != model_name or streamer is None:
+            raise ApiError(400, f"model {name!r} is an embedding model; it cannot generate text",
+                           "invalid_request_error", "model_not_supported")
+        return streamer
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health")
+    async def health() -> dict:
+        busy = {"active": engine.active_count, "queued": engine.queue_depth} if engine is not None else {}
+        return {"status": "ok", "models": models, **busy}
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models", response_model=S.ModelList, responses=ERRORS)
+    async def list_models():
+        return JSONResponse({"object": "list", "data": [card(m) for m in models]})
+
+    @app.get("/v1/models/{model_id:path}", response_model=S.ModelCard, responses=ERRORS)
+    async def get_model(model_id: str):
+        if model_id not in models:
+            raise ApiError(404, f"model {model_id!r} is not served here", "not_found_error", "model_not_found")
+        return JSONResponse(card(model_id))
+
+    @app.post("/v1/completions", response_model=S.CompletionResponse, responses=ERRORS)
+    async def completions(body: S.CompletionRequest, request: Request):
+        gen = generator_for(body.model)
+        prompts = await run_in_threadpool(gen.completion_prompts, body.prompt)
+        return await gen.respond(request, body, prompts, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=ERRORS)
+    async def chat_completions(body: S.ChatRequest, request: Request):
+        gen = generator_for(body.model)
+        prompt = await run_in_threadpool(gen.chat_prompt, body.messages)
+        return await gen.respond(request, body, [prompt], chat=True)
+
+    @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERRORS)
+    async def embeddings(body: S.EmbeddingRequest):
+        if body.model not in models:
+            raise ApiError(404, f"model {body.model!r} is not served here; try one of {models}",
+                           "not_found_error", "model_not_found")
+        if body.model != embedding_model:
+            raise ApiError(400, f"model {body.model!r} is not an embedding model; start the server with "
+                           "--embedding-model to serve embeddings", "invalid_request_error", "model_not_supported")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not 1 <= len(texts) <= S.MAX_EMBED_INPUTS:
+            raise ApiError(400, f"input must hold 1 to {S.MAX_EMBED_INPUTS} texts, got {len(texts)}",
+                           "invalid_request_error", "invalid_value")
+        try:
+            vectors, n_tokens = await run_in_threadpool(embedder, texts)
+        except LlmkitError as e:
+            raise ApiError(400, str(e), "invalid_request_error", "invalid_value") from None
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if body.encoding_format == "base64":  # what the official client asks for by default
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = vectors.tolist()
+        metrics.prompt_tokens.inc(n_tokens)
+        return JSONResponse({
+            "object": "list", "model": body.model,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        })
+
+    # Outermost but for Starlette's error middleware: refused requests cost no parsing, all are counted.
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    return app

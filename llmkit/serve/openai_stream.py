@@ -1,0 +1,205 @@
+"""From a validated OpenAI request to engine jobs, and from engine events to OpenAI responses.
+
+Streams are Server-Sent Events in OpenAI's chunk format. Each generated token is
+exactly one chunk (its text may be empty while a multi-byte character or a possible
+stop string is held back; the last token's chunk carries `finish_reason`), so a
+client counting chunks gets the same number as `usage.completion_tokens`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmkit.errors import LlmkitError
+from llmkit.serve import schemas as S
+from llmkit.serve.engine import QueueFull, SamplingParams
+
+FAILURES = {"timeout": (408, "timeout_error", "request_timeout"), "error": (500, "server_error", None)}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def _bad(message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code)
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Streamer:
+    def __init__(self, engine, model_name: str, metrics):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.model_name, self.metrics = model_name, metrics
+
+    # ---- prompts ----------------------------------------------------------------
+
+    def completion_prompts(self, prompt) -> list[list[int]]:
+        """OpenAI's prompt forms (text, texts, ids, lists of ids) as a list of token-id lists."""
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        if not 1 <= len(prompts) <= S.MAX_PROMPTS:
+            raise _bad(f"prompt must hold 1 to {S.MAX_PROMPTS} prompts, got {len(prompts)}")
+        vocab = self.tokenizer.vocab_size
+        out = []
+        for p in prompts:
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise _bad(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+            if not ids:  # an empty prompt starts a fresh document
+                start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+                if start is None:
+                    raise _bad("prompt is empty")
+                ids = [start]
+            out.append(ids)
+        return out
+
+    def chat_prompt(self, messages: list[S.ChatMessage]) -> list[int]:
+        turns = []
+        for m in messages:
+            text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+            turns.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        try:
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+        except LlmkitError as e:
+            raise _bad(str(e)) from None
+
+    # ---- one request --------------------------------------------------------------
+
+    def _params(self, body, prompts: list[list[int]], chat: bool) -> SamplingParams:
+        context = self.engine.context
+        longest = max(len(p) for p in prompts)
+        if longest >= context:
+            raise _bad(f"the prompt has {longest} tokens; this model's context is {context} tokens",
+                       "context_length_exceeded")
+        max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+        if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
+            max_tokens = context - longest if chat else min(16, context - longest)
+        elif longest + max_tokens > context:
+            raise _bad(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds this model's context "
+                       f"of {context} tokens", "context_length_exceeded")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > S.MAX_STOP:
+            raise _bad(f"stop holds {len(stop)} strings; at most {S.MAX_STOP} are allowed")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              stop=tuple(s for s in stop if s), seed=body.seed)
+
+    async def respond(self, request, body, prompts: list[list[int]], chat: bool):
+        params = self._params(body, prompts, chat)
+        try:
+            job = self.engine.submit(prompts, params, n=body.n)
+        except QueueFull as e:
+            self.metrics.rejected.inc()
+            raise ApiError(429, str(e), "rate_limit_error", "queue_full",
+                           {"Retry-After": str(e.retry_after)}) from None
+        prompt_tokens = sum(len(p) for p in prompts)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}", "created": int(time.time()),
+                "model": self.model_name}
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._stream(job, head, chat, usage, prompt_tokens),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self._collect(request, job, head, chat, prompt_tokens)
+
+    async def _events(self, job):
+        """The job's events until every sequence has finished, timing them for /metrics."""
+        last: dict[int, float] = {}
+        remaining = job.size
+        while remaining:
+            ev = await job.events.get()
+            if ev.finish == "cancelled":
+                return
+            now = time.monotonic()
+            if ev.token:
+                self.metrics.generated_tokens.inc()
+                if ev.index in last:
+                    self.metrics.inter_token.observe(now - last[ev.index])
+                elif not last:
+                    self.metrics.ttft.observe(now - job.submitted)
+                last[ev.index] = now
+            if ev.finish:
+                remaining -= 1
+            yield ev
+
+    async def _stream(self, job, head: dict, chat: bool, include_usage: bool, prompt_tokens: int):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        produced, spoke = 0, set()
+        try:
+            async for ev in self._events(job):
+                if ev.finish in FAILURES:
+                    status, type_, code = FAILURES[ev.finish]
+                    yield _sse({"error": {"message": ev.error, "type": type_, "code": code, "param": None}})
+                    break
+                produced += 1
+                if chat:
+                    delta = {"content": ev.text} if ev.index in spoke else {"role": "assistant", "content": ev.text}
+                    spoke.add(ev.index)
+                    choice = {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": ev.finish}
+                else:
+                    choice = {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish}
+                yield _sse({**head, "object": kind, "choices": [choice]})
+            else:
+                if include_usage:
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": produced,
+                             "total_tokens": prompt_tokens + produced}
+                    yield _sse({**head, "object": kind, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # a client that went away frees its batch rows; a no-op once all finished
+
+    async def _collect(self, request, job, head: dict, chat: bool, prompt_tokens: int):
+        texts: dict[int, list[str]] = {i: [] for i in range(job.size)}
+        finish: dict[int, str] = {}
+        produced = 0
+        watcher = asyncio.ensure_future(self._cancel_on_disconnect(request, job))
+        try:
+            async for ev in self._events(job):
+                if ev.finish in FAILURES:
+                    status, type_, code = FAILURES[ev.finish]
+                    raise ApiError(status, ev.error, type_, code)
+                produced += ev.token
+                texts[ev.index].append(ev.text)
+                if ev.finish:
+                    finish[ev.index] = ev.finish
+        finally:
+            watcher.cancel()
+            job.cancel()
+        if len(finish) < job.size:  # the client left; nobody reads this
+            return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                                           "code": "cancelled", "param": None}}, status_code=400)
+        choices = []
+        for i in range(job.size):
+            text = "".join(texts[i])
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": finish[i]})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish[i]})
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": produced,
+                 "total_tokens": prompt_tokens + produced}
+        return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
+                             "choices": choices, "usage": usage})
+
+    @staticmethod
+    async def _cancel_on_disconnect(request, job) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancel()
+                return

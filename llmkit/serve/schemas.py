@@ -1,0 +1,147 @@
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models.
+
+They double as the server's OpenAPI schema, so every bound here (lengths, ranges)
+is also what schemathesis explores. Unknown fields are ignored, as OpenAI clients
+send options this server has no use for.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_CHOICES = 8         # `n` per prompt
+MAX_PROMPTS = 16        # prompts in one /v1/completions call
+MAX_STOP = 4            # stop strings, as OpenAI
+MAX_EMBED_INPUTS = 256  # texts in one /v1/embeddings call
+
+TokenIds = list[int]
+Prompt = Union[str, list[str], TokenIds, list[TokenIds]]
+Stop = Union[str, list[str], None]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The generation parameters shared by completions and chat completions."""
+    model: str
+    max_tokens: int | None = Field(None, ge=1, description="default: 16 (completions), rest of the context (chat)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    user: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt = Field(..., description="text, texts, token ids, or lists of token ids")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name for max_tokens")
+
+
+class EmbeddingRequest(BaseModel):
+    model: str
+    input: Union[str, list[str]] = Field(..., description="one text or a list of texts")
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+# ---- responses (documentation for the OpenAPI schema; handlers build plain dicts) ----
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(title="Error")
+    error: ErrorBody
