@@ -1,7 +1,9 @@
 """llmkit: a complete, hackable LLM toolkit on PyTorch."""
 from llmkit.config import PRESETS, ModelConfig, preset
+from llmkit.data import RandomWindowSampler, load_split, prepare
 from llmkit.errors import LlmkitError
 from llmkit.evaluate import perplexity
+from llmkit.tokenizer import Tokenizer
 from llmkit.train import Trainer, TrainConfig
 
 __version__ = "0.1.0"

@@ -82,6 +82,52 @@ def serve_cmd(
           max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body)
 
 
+@app.command("prepare")
+def prepare_cmd(
+    inputs: list[str] = typer.Argument(..., help=".txt / .jsonl files or directories of them"),
+    out: str = typer.Option(..., "--out", help="output data directory"),
+    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, or a tokenizer.json to reuse"),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="vocabulary size when training bpe"),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of documents (or tail tokens) for val"),
+    seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
+):
+    """Tokenize text into train.bin / val.bin (+ meta.json, tokenizer.json) for `llmkit train`."""
+    from llmkit.data import iter_texts, prepare
+    from llmkit.tokenizer import Tokenizer
+
+    if tokenizer == "bpe":
+        tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
+    elif tokenizer == "char":
+        tok = Tokenizer.train_char(iter_texts(inputs))
+    else:
+        tok = Tokenizer.load(tokenizer)
+    meta = prepare(inputs, out, tok, val_fraction=val_fraction, seed=seed)
+    print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
+          f"tokens ({meta['dtype']}, vocab {meta['vocab_size']}) in {out}")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option("smollm2-135m-instruct", "--model",
+                              help="decoder (llmkit/HF dir, .gguf, short name) or an encoder for embeddings"),
+    embedding_model: str = typer.Option(None, "--embedding-model", help="encoder served at /v1/embeddings too"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8000, "--port"),
+    api_key: str = typer.Option(None, "--api-key", envvar="LLMKIT_API_KEY",
+                                help="require 'Authorization: Bearer KEY' on /v1 and /metrics"),
+    max_batch: int = typer.Option(16, "--max-batch", help="sequences decoded together (1 = one at a time)"),
+    max_queue: int = typer.Option(128, "--max-queue", help="waiting sequences before HTTP 429"),
+    context: int = typer.Option(None, "--context", help="tokens per sequence, prompt + output (default: model's)"),
+    timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
+    max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
+):
+    """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
+    from llmkit.serve import serve
+
+    serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
+          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body)
+
+
 def main() -> None:
     try:
         app()
