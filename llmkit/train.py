@@ -233,6 +233,7 @@ class Trainer:
             self.model.train()
             self._start = time.perf_counter()
             window_start, window_steps, loss_sum = time.perf_counter(), 0, None
+            window_tokens = self.tokens_seen  # tps from tokens actually seen: SFT batches vary in width
             first_step = self.step
             while self.step < cfg.max_steps:
                 loss = self.train_step()
@@ -246,13 +247,14 @@ class Trainer:
                     if not math.isfinite(mean_loss):
                         raise LlmkitError(f"loss is {mean_loss} at step {self.step}; lower lr or use float32")
                     dt = time.perf_counter() - window_start
-                    tps = window_steps * self.tokens_per_step / dt
+                    tps = (self.tokens_seen - window_tokens) / dt
                     self._log({"step": self.step, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"],
                                "tokens_per_s": tps, "mfu": mfu(self.flops_per_token, tps, peak),
                                "ms_per_step": 1000 * dt / window_steps, "tokens": self.tokens_seen})
                     bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}",
                                     mfu=f"{100 * mfu(self.flops_per_token, tps, peak):.1f}%")
                     loss_sum, window_steps, window_start = None, 0, time.perf_counter()
+                    window_tokens = self.tokens_seen
                 pause = time.perf_counter()
                 if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done:
                     val_loss = self.evaluate()
