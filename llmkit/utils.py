@@ -31,3 +31,32 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
     """open() for writing that replaces `path` only once the file is complete."""
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
         yield f
+
+
+def read_jsonl(path, what: str = "data") -> list[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file.
+
+    A missing file, bad encoding or malformed line raises LlmkitError naming the file and line.
+    """
+    import json
+
+    from llmkit.errors import LlmkitError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise LlmkitError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise LlmkitError(f"{what} {path} is not UTF-8 text") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise LlmkitError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not records:
+        raise LlmkitError(f"{what} {path} is empty")
+    return records
