@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
-from trainkit import make_data_dir, read_metrics, tiny_config, train_losses
+from trainkit import make_data_dir, read_metrics, run_cli, tiny_config, train_losses
 
 from llmkit import train_state
 from llmkit.checkpoint import load_checkpoint
@@ -14,7 +15,7 @@ from llmkit.errors import LlmkitError
 from llmkit.model.decoder import GPT
 from llmkit.optim import build_adamw, lr_at, param_groups
 from llmkit.perf import measure_peak_flops, mfu
-from llmkit.train import Trainer
+from llmkit.train import Trainer, load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +202,81 @@ def test_failed_save_leaves_previous_checkpoint_intact(data_dir, tmp_path, monke
         assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left behind
     resumed = Trainer(tiny_config(data_dir, out, max_steps=3, eval_interval=0), resume=True)
     assert resumed.step == 3
+
+
+# ---- configuration files and the `llmkit train` command -----------------------------------------
+def test_yaml_config_with_typed_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data_dir: some/data\nlr: 3e-4\nmax_steps: 10\ncompile: false\n"
+                    "model:\n  n_layer: 2\n  dropout: 0.1\n", encoding="utf-8")
+    cfg = load_train_config(path, ["batch_size=16", "min_lr=1e-5", "model.n_head=2", "compile=yes",
+                                   "peak_flops=none", "model.pos=rope"], out_dir="elsewhere", max_steps=None)
+    assert cfg.data_dir == "some/data" and cfg.out_dir == "elsewhere"
+    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)  # YAML reads 3e-4 as a string; the field types it
+    assert cfg.batch_size == 16 and cfg.max_steps == 10 and cfg.compile is True and cfg.peak_flops is None
+    assert cfg.model == {"n_layer": 2, "dropout": 0.1, "n_head": 2, "pos": "rope"}
+    assert load_train_config(None, ["max_steps=5"], max_steps=7).max_steps == 7  # shortcuts win
+
+
+@pytest.mark.parametrize("yaml_text, overrides, message", [
+    ("", ["learning_rate=1"], "unknown training config key 'learning_rate'"),
+    ("", ["model.n_layers=2"], "unknown model config key 'n_layers'"),
+    ("", ["max_steps=ten"], "bad value for max_steps: 'ten' is not a int"),
+    ("", ["lr=fast"], "bad value for lr"),
+    ("", ["compile=maybe"], "bad value for compile"),
+    ("", ["model.dropout=x"], "bad value for model.dropout"),
+    ("", ["lr"], "expected key=value"),
+    ("", ["preset=gpt5"], "preset 'gpt5'"),
+    ("", ["dtype=float8"], "dtype 'float8'"),
+    ("max_steps: [1, 2]\n", [], "bad value for max_steps"),
+    ("optimizer: sgd\n", [], "unknown training config key 'optimizer'"),
+    ("model:\n  n_embed: 4\n", [], "unknown model config key 'n_embed'"),
+    ("- a\n- b\n", [], "must hold a mapping"),
+    ("lr: [unclosed\n", [], "not valid YAML"),
+])
+def test_config_errors(tmp_path, yaml_text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text, encoding="utf-8")
+    with pytest.raises(LlmkitError, match=re.escape(message)):
+        load_train_config(path, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(LlmkitError, match="cannot read config"):
+        load_train_config(tmp_path / "nope.yaml")
+
+
+def test_train_cli_runs_and_resumes(data_dir, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"data_dir: {data_dir}\nblock_size: 16\nbatch_size: 4\neval_iters: 2\nprogress: false\n"
+                      "peak_flops: 1.0e11\nwarmup_steps: 1\nlr_decay_steps: 4\n"
+                      "model: {n_layer: 1, n_head: 2, n_embd: 32}\n", encoding="utf-8")
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "train", config, "log_interval=1", "--out", out,
+                              "--max-steps", 2)
+    assert code == 0 and "step 2: loss" in stdout and (out / "model.safetensors").exists()
+    code, stdout, _ = run_cli(monkeypatch, capsys, "train", config, "--out", out, "--max-steps", 3, "--resume")
+    assert code == 0 and "step 3:" in stdout
+    assert sorted(train_losses(out)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/dir"], "data dir /nonexistent/dir does not exist"),
+    (["--preset", "gpt-99"], "preset 'gpt-99'"),
+    (["momentum=0.9"], "unknown training config key 'momentum'"),
+    (["batch_size=big"], "bad value for batch_size"),
+    (["--resume", "model.n_embd=48"], "another model config"),
+    (["--resume", "CORRUPT"], "corrupt training state"),
+])
+def test_train_cli_errors(data_dir, tmp_path, monkeypatch, capsys, args, message):
+    out = tmp_path / "run"
+    base = [f"data_dir={data_dir}", "block_size=16", "batch_size=4", "model.n_layer=1", "model.n_head=2",
+            "model.n_embd=32", "progress=false", "peak_flops=1e11", "eval_interval=0", "--out", out]
+    if "--resume" in args:
+        assert run_cli(monkeypatch, capsys, "train", *base, "--max-steps", 1)[0] == 0
+    if "CORRUPT" in args:
+        (out / "train_state.pt").write_bytes(b"\0" * 100)
+        args = ["--resume"]
+    code, _, err = run_cli(monkeypatch, capsys, "train", *base, *args)
+    assert code == 1
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

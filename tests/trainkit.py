@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
+import pytest
+
+from llmkit.cli import main
 from llmkit.data import prepare
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import TrainConfig
@@ -47,3 +51,12 @@ def read_metrics(out_dir) -> list[dict]:
 
 def train_losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run `llmkit ARGS...` in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["llmkit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
