@@ -169,3 +169,188 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
         tokens = tokens[:max_tokens]
     result = perplexity(model, tokens, batch_size=batch_size, stride=stride)
     return {"source": source, **result}
+
+
+# ---- task scoring: multiple choice by log-likelihood, generation against references ---------
+
+
+def _question_prompt(tokenizer, question: str, chat: bool) -> str:
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return f"Question: {question}\nAnswer:"
+
+
+def read_mc_items(path) -> list[dict]:
+    """Multiple-choice JSONL: {"question": str, "choices": [str, ...], "answer": index or choice text}."""
+    from llmkit.utils import read_jsonl
+
+    items = []
+    for number, r in read_jsonl(path, "multiple-choice file"):
+        where = f"{path}:{number}"
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str):
+            raise LlmkitError(f"{where}: expected {{\"question\": str, \"choices\": [...], \"answer\": ...}}")
+        choices = r.get("choices")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise LlmkitError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        answer = r.get("answer")
+        if isinstance(answer, str) and answer in choices:
+            answer = choices.index(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise LlmkitError(f"{where}: 'answer' must be a choice index 0..{len(choices) - 1} or one of the choices")
+        items.append({"question": r["question"], "choices": choices, "answer": answer})
+    return items
+
+
+def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of context and continuation, cut from one encoding of the joined text so the
+    boundary tokenizes as the model would read it; an empty context starts from BOS (or EOS)."""
+    whole = tokenizer.encode(context + continuation)
+    n_ctx = len(tokenizer.encode(context)) if context else 0
+    ctx, cont = whole[:n_ctx], whole[n_ctx:]
+    if not cont:  # the continuation merged into the context's last token
+        ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
+    if not ctx:
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise LlmkitError("an empty context needs a tokenizer with a BOS or EOS token")
+        ctx = [start]
+    return ctx, cont
+
+
+def multiple_choice(model, tokenizer, items: list[dict], batch_size: int = 8, chat: bool = False) -> dict:
+    """Accuracy of picking the choice with the highest log-likelihood (acc) and the highest
+    log-likelihood per character (acc_norm, which does not favour short answers)."""
+    requests, owners = [], []
+    for i, item in enumerate(items):
+        context = _question_prompt(tokenizer, item["question"], chat)
+        for choice in item["choices"]:
+            requests.append(split_continuation(tokenizer, context, choice if chat else " " + choice))
+            owners.append(i)
+    scores = loglikelihood(model, requests, batch_size=batch_size)
+    per_item: list[list[float]] = [[] for _ in items]
+    for i, (logprob, _) in zip(owners, scores):
+        per_item[i].append(logprob)
+    correct = correct_norm = 0
+    predictions = []
+    for item, logprobs in zip(items, per_item):
+        pick = max(range(len(logprobs)), key=logprobs.__getitem__)
+        normed = [lp / len(c) for lp, c in zip(logprobs, item["choices"])]
+        pick_norm = max(range(len(normed)), key=normed.__getitem__)
+        correct += pick == item["answer"]
+        correct_norm += pick_norm == item["answer"]
+        predictions.append({"prediction": pick, "answer": item["answer"], "logprobs": logprobs})
+    n = len(items)
+    return {"task": "multiple_choice", "n": n, "acc": correct / n, "acc_norm": correct_norm / n,
+            "predictions": predictions}
+
+
+def read_gen_items(path) -> list[dict]:
+    """Generation JSONL: {"prompt": str, "reference": str or [str, ...]}."""
+    from llmkit.utils import read_jsonl
+
+    items = []
+    for number, r in read_jsonl(path, "generation file"):
+        where = f"{path}:{number}"
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
+            raise LlmkitError(f"{where}: expected {{\"prompt\": str, \"reference\": str or [str, ...]}}")
+        refs = r.get("reference")
+        refs = [refs] if isinstance(refs, str) else refs
+        if not isinstance(refs, list) or not refs or not all(isinstance(x, str) for x in refs):
+            raise LlmkitError(f"{where}: 'reference' must be a string or a non-empty list of strings")
+        items.append({"prompt": r["prompt"], "references": refs})
+    return items
+
+
+def text_metrics(predictions: list[str], references: list[list[str]]) -> dict:
+    """Exact match, corpus BLEU and chrF (sacrebleu) and mean ROUGE-1/2/L F1 (rouge-score), all 0..100.
+    With several references an item counts its best match."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    norm = " ".join
+    exact = sum(any(norm(p.split()) == norm(r.split()) for r in refs) for p, refs in zip(predictions, references))
+    # sacrebleu wants reference streams of equal length: repeat an item's last reference,
+    # which changes neither BLEU's clipped counts nor chrF's best-reference choice.
+    width = max(len(refs) for refs in references)
+    streams = [[refs[min(j, len(refs) - 1)] for refs in references] for j in range(width)]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, refs in zip(predictions, references):
+        for key, score in scorer.score_multi(refs, p).items():
+            rouge[key] += score.fmeasure
+    n = len(predictions)
+    return {"exact_match": 100 * exact / n,
+            "bleu": sacrebleu.corpus_bleu(predictions, streams).score,
+            "chrf": sacrebleu.corpus_chrf(predictions, streams).score,
+            **{key: 100 * value / n for key, value in rouge.items()}}
+
+
+def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, batch_size: int = 8,
+               chat: bool = False, stop=None) -> dict:
+    """Greedy completions (llmkit.generate) scored against the references by `text_metrics`.
+    `stop` defaults to a newline for plain prompts; chat replies end at the end-of-turn token."""
+    from llmkit.generate import SamplingParams, generate
+
+    stop = tuple(stop) if stop is not None else (() if chat else ("\n",))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    prompts = [_question_prompt(tokenizer, it["prompt"], True) if chat else it["prompt"] for it in items]
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        outputs += generate(model, tokenizer, prompts[i:i + batch_size], params)
+    outputs = [o.strip() for o in outputs]
+    metrics = text_metrics(outputs, [it["references"] for it in items])
+    samples = [{"prompt": it["prompt"], "output": o, "references": it["references"]} for it, o in zip(items, outputs)]
+    return {"task": "generation", "n": len(items), **metrics, "predictions": samples}
+
+
+def results_table(results: list[dict]) -> str:
+    """A plain-text table: one row per task, one column per metric present in any of them."""
+    skip = {"task", "source", "predictions"}
+    keys = [k for r in results for k in r if k not in skip]
+    columns = list(dict.fromkeys(keys))
+    header = ["task", "source"] + columns
+    rows = [[r["task"], r.get("source", "-")] + [_cell(r.get(k)) for k in columns] for r in results]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batch_size: int = 8,
+                   chat: bool = False, max_new_tokens: int = 64, device: str = "auto") -> list[dict]:
+    """Perplexity (text file), multiple choice and generation scores of any model `resolve_model`
+    loads (what `llmkit eval --mc/--gen` runs). Inputs are all read and checked before scoring."""
+    from pathlib import Path
+
+    from llmkit.models import resolve_model
+
+    if not (text_file or mc_file or gen_file):
+        raise LlmkitError("nothing to evaluate: give --text, --mc and/or --gen")
+    mc_items = read_mc_items(mc_file) if mc_file else None
+    gen_items = read_gen_items(gen_file) if gen_file else None
+    text = None
+    if text_file:
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlmkitError(f"cannot read text file {text_file}: {e}") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = resolve_model(model_name, device=device)
+    results = []
+    if text is not None:
+        results.append({"task": "perplexity", "source": str(text_file),
+                        **perplexity(model, text, tokenizer, batch_size=batch_size)})
+    if mc_items is not None:
+        results.append({"source": str(mc_file), **multiple_choice(model, tokenizer, mc_items, batch_size, chat)})
+    if gen_items is not None:
+        results.append({"source": str(gen_file),
+                        **generation(model, tokenizer, gen_items, max_new_tokens, batch_size, chat)})
+    return results

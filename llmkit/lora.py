@@ -195,26 +195,23 @@ def is_adapter_dir(path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def load_adapter(model: nn.Module, path) -> list[str]:
-    """Wrap `model` with the adapter saved in `path` and load its weights."""
-    path = Path(path)
-    meta = read_adapter_config(path)
-    config = LoRAConfig(**meta["lora"])
-    available = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [n for n in meta["modules"] if n not in available]
-    if missing:
-        raise LlmkitError(f"adapter {path} targets layers the model does not have: {missing[:3]}")
+def _read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = load_file(str(path / ADAPTER_WEIGHTS))
+        return load_file(str(path / ADAPTER_WEIGHTS))
     except FileNotFoundError:
         raise LlmkitError(f"missing adapter weights {path / ADAPTER_WEIGHTS}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise LlmkitError(f"corrupt adapter weights {path / ADAPTER_WEIGHTS}: {e}") from None
-    names = apply_lora(model, LoRAConfig(**{**asdict(config), "targets": meta["modules"]}))
-    expected = {k: v for k, v in lora_state_dict(model).items()}
+
+
+def load_adapter_weights(model: nn.Module, path) -> None:
+    """Copy saved adapter tensors into a model that already carries adapters of the same layout."""
+    path = Path(path)
+    state = _read_adapter_weights(path)
+    expected = lora_state_dict(model)
     if set(state) != set(expected):
-        raise LlmkitError(f"adapter {path} does not match its config: "
-                          f"{sorted(set(state) ^ set(expected))[:3]}")
+        raise LlmkitError(f"adapter {path} does not fit this model's adapters: "
+                          f"{sorted(set(state) ^ set(expected))[:3]} differ")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise LlmkitError(f"adapter {path}: {key} has shape {tuple(tensor.shape)}, "
@@ -224,6 +221,19 @@ def load_adapter(model: nn.Module, path) -> list[str]:
         for key, tensor in state.items():
             name, _, which = key.rpartition(".")
             getattr(modules[name], which).copy_(tensor)
+
+
+def load_adapter(model: nn.Module, path) -> list[str]:
+    """Wrap `model` with the adapter saved in `path` and load its weights."""
+    path = Path(path)
+    meta = read_adapter_config(path)
+    available = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [n for n in meta["modules"] if n not in available]
+    if missing:
+        raise LlmkitError(f"adapter {path} targets layers the model does not have: {missing[:3]}")
+    config = LoRAConfig(**meta["lora"])
+    names = apply_lora(model, LoRAConfig(**{**asdict(config), "targets": meta["modules"]}))
+    load_adapter_weights(model, path)
     model.lora_config = config
     return names
 

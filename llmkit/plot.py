@@ -7,7 +7,6 @@ recomputes softmax(q k^T / sqrt(d)) from the block's own projections, outside th
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import torch  # noqa: E402
 
 from llmkit.errors import LlmkitError  # noqa: E402
-from llmkit.utils import atomic_path  # noqa: E402
+from llmkit.utils import atomic_path, read_jsonl  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 # (panel title, y label, metric keys drawn in it, log scale)
@@ -35,25 +34,11 @@ def read_metrics(path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise LlmkitError(f"no metrics file at {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmkitError(f"cannot read {path}: {e}") from None
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmkitError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+    for number, record in read_jsonl(path, "metrics file"):
         if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
             raise LlmkitError(f"{path}:{number}: a metrics record needs a numeric 'step'")
         records.append(record)
-    if not records:
-        raise LlmkitError(f"{path} holds no metrics records")
     return records
 
 

@@ -16,14 +16,12 @@ Batches come in two layouts:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.utils import read_jsonl
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -31,22 +29,9 @@ ROLES = ("system", "user", "assistant")
 
 def read_chats(path) -> list[list[dict]]:
     """Parse and validate a chat JSONL file; every problem names the file and line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise LlmkitError(f"cannot read chat data {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise LlmkitError(f"{path} is not UTF-8 text") from None
     chats = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in read_jsonl(path, "chat data"):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmkitError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages:
             raise LlmkitError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
@@ -65,8 +50,6 @@ def read_chats(path) -> list[list[dict]]:
             raise LlmkitError(f"{where}: conversation starts with an assistant turn; "
                               "a user message must come first")
         chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    if not chats:
-        raise LlmkitError(f"{path} holds no conversations")
     return chats
 
 

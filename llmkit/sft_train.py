@@ -1,0 +1,181 @@
+"""Supervised fine-tuning of a pretrained chat model: `SFTTrainer(config, model=..., lora=...)`.
+
+The standard Trainer (accumulation, AMP, clipping, cosine LR, checkpoints, exact resume, DDP)
+with three things swapped: the model comes from `resolve_model` instead of a preset, batches
+come from chat JSONL (`llmkit.sft`) instead of a token file, and with LoRA only the adapters
+are trained and checkpointed.
+
+out_dir after training:
+  full fine-tuning  config.json + model.safetensors + tokenizer files + train_state.pt
+  LoRA              adapter.safetensors + adapter_config.json + tokenizer files + train_state.pt,
+                    and (merge=True, the default) the merged model's config.json + model.safetensors,
+                    so out_dir loads like any model directory.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkit import distributed, train_state
+from llmkit.errors import LlmkitError
+from llmkit.lora import (LoRAConfig, apply_lora, count_parameters, load_adapter_weights, merge_lora,
+                         read_adapter_config, save_adapter)
+from llmkit.sft import SFTData, SFTSampler, describe, eval_batches, load_sft_data
+from llmkit.train import Trainer
+from llmkit.utils import atomic_path
+
+
+def split_data(data: SFTData, val_fraction: float, seed: int) -> tuple[SFTData, SFTData | None]:
+    """Hold out a deterministic fraction of the conversations (at least one) for validation."""
+    n_val = int(round(len(data) * val_fraction))
+    if val_fraction <= 0 or n_val == 0 or n_val >= len(data):
+        return data, None
+    order = np.random.default_rng(seed).permutation(len(data))
+    val_ids = set(order[:n_val].tolist())
+    train = [e for i, e in enumerate(data.examples) if i not in val_ids]
+    val = [e for i, e in enumerate(data.examples) if i in val_ids]
+    return SFTData(train, data.stats), SFTData(val, {})
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, config, model: str, lora: LoRAConfig | None = None, pack: bool = False,
+                 val_data=None, val_fraction: float = 0.05, merge: bool = True, resume: bool = False, log=print):
+        self.model_source, self.lora, self.pack, self.merge = str(model), lora, pack, merge
+        self.val_path, self.val_fraction, self.log = val_data, val_fraction, log
+        super().__init__(config, resume)
+        trainable, total = count_parameters(self.raw_model)
+        self.trainable = (trainable, total)
+        if self.dist.is_main:
+            self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    # ---- data and model ------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        from llmkit.models import resolve_model
+
+        cfg = self.config
+        if not self.data_dir.is_file():
+            raise LlmkitError(f"chat data {self.data_dir} is not a file (expected JSONL with \"messages\")")
+        self.base_model, self.tokenizer = resolve_model(self.model_source)
+        if cfg.block_size > self.base_model.config.block_size:
+            raise LlmkitError(f"block_size {cfg.block_size} exceeds the model's context of "
+                              f"{self.base_model.config.block_size}")
+        data = load_sft_data(self.data_dir, self.tokenizer, cfg.block_size + 1)
+        if self.val_path is not None:
+            self.train_tokens, self.val_tokens = data, load_sft_data(self.val_path, self.tokenizer, cfg.block_size + 1)
+        else:
+            self.train_tokens, self.val_tokens = split_data(data, self.val_fraction, cfg.seed)
+        self.tokenizer_file = None  # the tokenizer (with its chat template) is saved whole in save()
+        self.pad_id = next((i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id) if i is not None), 0)
+        self.data_stats = data.stats
+        if distributed.detect().is_main:
+            self.log(f"sft data {self.data_dir}: {describe(data.stats)}"
+                     + (f"; {len(self.val_tokens)} held out for validation" if self.val_tokens else ""))
+
+    def build_model_config(self):
+        return self.base_model.config
+
+    def build_model(self) -> torch.nn.Module:
+        model = self.base_model
+        if self.lora is not None:
+            apply_lora(model, self.lora)  # after seeding: adapter init is reproducible
+        return model.train()
+
+    def _sampler(self, data, seed: int):
+        return SFTSampler(data, self.config.block_size, self.config.batch_size, seed, self.pack, self.pad_id,
+                          rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def next_batch(self, sampler):
+        x, y = super().next_batch(sampler)
+        if sampler is self.train_sampler:
+            self._step_tokens += x.numel() * self.dist.world_size
+        return x, y
+
+    def train_step(self) -> torch.Tensor:
+        """The Trainer's step, counting the tokens of the (variable-width) batches it really drew."""
+        self._step_tokens = 0
+        loss = super().train_step()
+        self.tokens_seen += self._step_tokens - self.tokens_per_step
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Loss over every held-out conversation, weighted by assistant tokens."""
+        if not self.val_tokens:
+            return None
+        model = self.raw_model
+        model.eval()
+        total, count = 0.0, 0
+        for x, y in eval_batches(self.val_tokens, self.config.batch_size, self.pad_id):
+            with self.autocast():
+                _, loss = model(x.to(self.device), targets=y.to(self.device))
+            n = int((y != -100).sum())
+            total, count = total + loss.float().item() * n, count + n
+        model.train()
+        return total / count
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "sampler": self.train_sampler.state_dict(), "rng": train_state.capture_rng(),
+                "config": self.config.to_dict()}
+
+    def save(self) -> None:
+        if self.lora is None:
+            super().save()
+        elif self.dist.is_main:
+            # Adapter first, state last, both stamped with the step: a crash in between is caught on resume.
+            save_adapter(self.raw_model, self.out_dir, extra={"base": self.model_source, "train_step": self.step})
+            with atomic_path(self.out_dir / train_state.STATE_FILE) as tmp:
+                torch.save(self._state(), tmp)
+        if self.dist.is_main:
+            self.tokenizer.save(self.out_dir)
+        distributed.barrier()
+
+    def _resume(self) -> None:
+        if self.lora is None:
+            return super()._resume()
+        path = self.out_dir / train_state.STATE_FILE
+        if not path.exists():
+            raise LlmkitError(f"cannot resume: {path} does not exist")
+        meta = read_adapter_config(self.out_dir)
+        if meta.get("base") != self.model_source:
+            raise LlmkitError(f"cannot resume: the adapter in {self.out_dir} was trained on "
+                              f"{meta.get('base')!r}, not {self.model_source!r}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            raise LlmkitError(f"cannot resume: corrupt training state {path}: {str(e).splitlines()[0]}") from None
+        if meta.get("train_step") != state.get("step"):
+            raise LlmkitError(f"cannot resume: adapter in {self.out_dir} is from step {meta.get('train_step')} "
+                              f"but {path.name} is from step {state.get('step')} (interrupted save?)")
+        load_adapter_weights(self.raw_model, self.out_dir)  # same Parameters: the optimizer still holds them
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.train_sampler.load_state_dict(state["sampler"])
+            train_state.restore_rng(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise LlmkitError(f"cannot resume from {self.out_dir}: training state does not fit "
+                              f"this run ({str(e).splitlines()[0]})") from None
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+
+    def fit(self) -> dict:
+        metrics = super().fit()
+        if self.lora is not None and self.merge and self.dist.is_main:
+            self.write_merged(self.out_dir)
+        return metrics
+
+    def write_merged(self, out_dir) -> Path:
+        """Save base + adapters folded together as a plain model directory (the adapters stay in place)."""
+        from llmkit.checkpoint import save_checkpoint
+
+        merged = merge_lora(copy.deepcopy(self.raw_model))
+        return save_checkpoint(out_dir, merged, self.tokenizer,
+                               extra={"base": self.model_source, "lora": asdict(self.lora)})
