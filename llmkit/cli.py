@@ -45,9 +45,29 @@ def eval_(
     max_tokens: int = typer.Option(None, "--max-tokens", help="score only the first N tokens"),
     device: str = typer.Option("auto", "--device"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    mc: str = typer.Option(None, "--mc", help="multiple-choice JSONL (question, choices, answer): accuracy"),
+    gen: str = typer.Option(None, "--gen", help="generation JSONL (prompt, reference): exact match, BLEU, chrF, ROUGE"),
+    chat: bool = typer.Option(False, "--chat", help="--mc/--gen: ask through the model's chat template"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--gen: longest answer in tokens"),
+    output: str = typer.Option(None, "--output", help="also write all results (with per-item predictions) as JSON"),
 ):
-    """Mean loss (nats/token) and perplexity of a model on text or a data split."""
+    """Perplexity on text or a data split; with --mc/--gen also task scores, as a table (or --json)."""
     import json
+
+    if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
+        from llmkit.evaluate import evaluate_tasks, results_table
+        from llmkit.utils import atomic_open
+
+        if data:
+            raise LlmkitError("--data cannot be combined with --mc/--gen; use --text for perplexity")
+        results = evaluate_tasks(model, text_file=text, mc_file=mc, gen_file=gen, batch_size=batch_size,
+                                 chat=chat, max_new_tokens=max_new_tokens, device=device)
+        if output:
+            with atomic_open(output) as f:
+                json.dump(results, f, indent=2)
+        summary = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
+        print(json.dumps(summary) if as_json else results_table(summary))
+        return
 
     from llmkit.evaluate import evaluate_model
 
@@ -126,6 +146,69 @@ def serve_cmd(
 
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
           max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body)
+
+
+def _int_list(value: str | None, what: str) -> list[int] | None:
+    """'0,2,-1' -> [0, 2, -1]; None or 'all' -> None (every one)."""
+    if value is None or value.strip().lower() == "all":
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise LlmkitError(f"{what} must be comma-separated integers or 'all', got {value!r}") from None
+
+
+@app.command("distill", context_settings={"allow_interspersed_args": True})
+def distill_cmd(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="training settings, e.g. lr=1e-3"),
+    teacher: str = typer.Option(..., "--teacher", help="teacher: llmkit/HF dir, .gguf, or a short name"),
+    student: str = typer.Option(..., "--student", help="student: a preset name (from scratch) or a model dir"),
+    data: str = typer.Option(..., "--data", help="prepared data dir, tokenized with the teacher's tokenizer"),
+    out: str = typer.Option("runs/distill", "--out", help="output model dir"),
+    temperature: float = typer.Option(2.0, "--temperature", help="softening of both distributions"),
+    alpha: float = typer.Option(0.5, "--alpha", help="weight of the soft (teacher) loss; 1 - alpha on the labels"),
+    top_k: int = typer.Option(None, "--top-k", help="precompute the teacher's top-k logits once instead of running it"),
+    max_steps: int = typer.Option(None, "--max-steps"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
+):
+    """Train a smaller student to match a teacher's next-token distributions."""
+    from llmkit.distill import run_distill
+
+    metrics = run_distill(teacher, student, data, out, overrides or [], temperature=temperature, alpha=alpha,
+                          top_k=top_k, max_steps=max_steps, resume=resume)
+    if "loss" in metrics:
+        val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+        print(f"step {metrics['step']}: loss {metrics['loss']:.4f}{val}; student saved to {out}")
+
+
+@app.command("plot")
+def plot_cmd(
+    run: str = typer.Argument(..., help="run directory (with metrics.jsonl) or a metrics.jsonl file"),
+    out: str = typer.Option(None, "--out", help="PNG to write (default: metrics.png beside the metrics)"),
+):
+    """Draw a run's loss, learning-rate and throughput curves into a PNG."""
+    from pathlib import Path
+
+    from llmkit.plot import plot_metrics
+
+    base = Path(run) if Path(run).is_dir() else Path(run).parent
+    print(f"wrote {plot_metrics(run, out or base / 'metrics.png')}")
+
+
+@app.command("attention")
+def attention_cmd(
+    text: str = typer.Argument(..., help="text whose attention to draw"),
+    model: str = typer.Option(..., "--model", help="llmkit/HF dir, .gguf, or a short name"),
+    layers: str = typer.Option("-1", "--layers", help="comma-separated layer indices (negative from the end) or all"),
+    heads: str = typer.Option("all", "--heads", help="comma-separated head indices or all"),
+    out: str = typer.Option("attention.png", "--out", help="PNG to write"),
+):
+    """Draw the attention maps of chosen layers/heads for a text as a PNG heatmap grid."""
+    from llmkit.models import resolve_model
+    from llmkit.plot import attention_png
+
+    net, tokenizer = resolve_model(model)
+    print(f"wrote {attention_png(net, tokenizer, text, out, _int_list(layers, '--layers'), _int_list(heads, '--heads'))}")
 
 
 def main() -> None:
