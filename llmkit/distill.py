@@ -183,3 +183,45 @@ class DistillTrainer(Trainer):
         else:
             teacher = teacher_logits(self.teacher, x)
         return distillation_loss(logits, teacher, y, self.temperature, self.alpha)
+
+
+class _StudentFromModel(DistillTrainer):
+    """A student initialised from an existing model (its config and weights) instead of a preset."""
+
+    def __init__(self, config, student, **kwargs):
+        self.student = student
+        super().__init__(config, **kwargs)
+
+    def build_model_config(self):
+        from llmkit.tokenizer import Tokenizer
+
+        config = self.student.config
+        check_compatible(self.teacher, self.teacher_tokenizer, config, Tokenizer.load(self.tokenizer_file))
+        if self.config.block_size > config.block_size:
+            raise LlmkitError(f"block_size {self.config.block_size} exceeds the student's context of {config.block_size}")
+        return config
+
+    def build_model(self):
+        return self.student.train()
+
+
+def run_distill(teacher: str, student: str, data_dir, out_dir, overrides=(), temperature: float = 2.0,
+                alpha: float = 0.5, top_k: int | None = None, max_steps: int | None = None,
+                resume: bool = False) -> dict:
+    """`llmkit distill`: the student is a preset name (trained from scratch) or a model to start from."""
+    from llmkit.config import PRESETS
+    from llmkit.models import resolve_model
+    from llmkit.train_config import load_train_config
+
+    is_preset = student in PRESETS
+    config = load_train_config(None, overrides, data_dir=str(data_dir), out_dir=str(out_dir),
+                               preset=student if is_preset else None, max_steps=max_steps)
+    teacher_model, teacher_tok = resolve_model(teacher)
+    options = dict(teacher=teacher_model, teacher_tokenizer=teacher_tok, temperature=temperature, alpha=alpha,
+                   top_k=top_k, resume=resume)
+    if is_preset:
+        trainer = DistillTrainer(config, **options)
+    else:
+        student_model, _ = resolve_model(student)
+        trainer = _StudentFromModel(config, student_model, **options)
+    return trainer.fit()
