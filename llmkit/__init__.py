@@ -3,6 +3,9 @@ from llmkit.config import PRESETS, ModelConfig, preset
 from llmkit.data import RandomWindowSampler, load_split, prepare
 from llmkit.errors import LlmkitError
 from llmkit.evaluate import perplexity
+from llmkit.generate import (SamplingParams, apply_repetition_penalty, generate, sample_next, stream,
+                             top_k_filter, top_p_filter)
+from llmkit.model.decoder import GPT
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import Trainer, TrainConfig
 

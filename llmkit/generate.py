@@ -1,0 +1,276 @@
+"""Text generation: logits processing and sampling as small pure functions, then the decoding loop.
+
+The functions at the top (repetition penalty, top-k, top-p, sample_next) and the two text helpers
+(IncrementalDecoder, Completion) know nothing about batching or caches, so a server running its
+own continuous-batching loop reuses them as they are. `generate` and `stream` run the simple loop:
+left-pad the prompts, one prefill over all of them, then one token per row per step with the KV cache.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.errors import LlmkitError
+
+# ---- logits processing: (B, V) logits in, (B, V) logits out ---------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history_ids, penalty: float) -> torch.Tensor:
+    """CTRL's rule (as in HF): for every token already in the row's history, divide its logit by
+    `penalty` if positive, multiply if negative. history_ids: (B, L) tensor or list of id lists;
+    negative ids are padding and ignored."""
+    if penalty == 1.0 or history_ids is None:
+        return logits
+    if not isinstance(history_ids, torch.Tensor):
+        width = max((len(h) for h in history_ids), default=0)
+        history_ids = torch.tensor([list(h) + [-1] * (width - len(h)) for h in history_ids], dtype=torch.long)
+    history = history_ids.to(logits.device).reshape(logits.shape[:-1] + (-1,))
+    seen = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    seen.scatter_add_(-1, history.clamp(min=0), (history >= 0).float())
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen > 0, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th included), set the rest to -inf."""
+    if not k or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filtering: keep the most likely tokens until their probability mass reaches p
+    (the top token is always kept), set the rest to -inf."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above this one
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token id per row of (B, V) logits: argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted by top-k, then top-p (HF's order)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()      # strings that end a completion (not included in it)
+    seed: int | None = None         # None: the global torch RNG
+
+    def __post_init__(self):
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+             f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
+            (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LlmkitError(message)
+
+
+# ---- text helpers ---------------------------------------------------------------------------
+
+
+class IncrementalDecoder:
+    """Token ids in, new text out, never splitting a multi-byte character.
+
+    Each step decodes a short window (the previously emitted tokens plus the new ones) and returns
+    what it adds; while the new text ends in U+FFFD (an incomplete UTF-8 sequence) it waits for
+    more bytes. Seed it with the last prompt tokens so tokenizers that strip a leading space from
+    the first token of a decode (SentencePiece) still see the context."""
+
+    def __init__(self, tokenizer, context_ids: Iterable[int] = ()):
+        self.tokenizer = tokenizer
+        self.ids = list(context_ids)
+        self.prefix = 0               # window start: context already turned into text
+        self.read = len(self.ids)     # tokens before this were emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (a truncated character becomes U+FFFD)."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        seen = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(seen) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(seen):]
+
+
+class Completion:
+    """One row's completion: token ids, text, stop handling and the pieces safe to stream.
+
+    Text that could be the start of a stop string is held back until it is known not to be one,
+    so the streamed pieces always concatenate to the final (stop-truncated) text."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: Iterable[str] = (), stop_ids: Iterable[int] = ()):
+        self.decoder = IncrementalDecoder(tokenizer, prompt_ids[-8:])
+        self.stop = tuple(stop)
+        self.stop_ids = set(stop_ids)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.sent = 0                 # characters of text already handed out
+        self.finish_reason: str | None = None  # "stop" or "length" once done
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int, last: bool = False) -> str:
+        """Add a sampled token (`last`: the length limit is reached); return the new streamable text."""
+        token_id = int(token_id)
+        if token_id in self.stop_ids:
+            self.finish_reason = "stop"
+            return self._add(self.decoder.flush())
+        self.token_ids.append(token_id)
+        piece = self.decoder.push(token_id)
+        if last:
+            self.finish_reason = "length"
+            piece += self.decoder.flush()
+        return self._add(piece)
+
+    def _add(self, piece: str) -> str:
+        old = len(self.text)
+        self.text += piece
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) != -1]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason = "stop"
+        end = len(self.text) if self.done else len(self.text) - self._held_back()
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of text that a stop string starts with."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+
+# ---- the decoding loop ----------------------------------------------------------------------
+
+
+def _encode_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    rows = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt)
+        if not ids:  # the model needs one token to predict from: start a fresh document
+            if start is None:
+                raise LlmkitError(f"prompt {i} is empty and the tokenizer has no BOS/EOS token to start from")
+            ids = [start]
+        context = model.config.block_size
+        if len(ids) + max_new_tokens > context:
+            raise LlmkitError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                              f"{len(ids) + max_new_tokens}, more than the model context of {context} tokens")
+        rows.append(ids)
+    return rows
+
+
+def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -> Iterator[tuple[int, str]]:
+    """Yield (row index, text piece) while the batch decodes; finished rows stop producing text.
+
+    inference_mode is entered around each step, never across a yield, so the caller's code between
+    pieces runs with autograd as it expects."""
+    prompt_ids = _encode_prompts(model, tokenizer, prompts, params.max_new_tokens)
+    rows = [Completion(tokenizer, ids, params.stop, tokenizer.stop_ids) for ids in prompt_ids]
+    if params.max_new_tokens == 0:
+        return
+    device = next(model.parameters()).device
+    B, N = len(rows), params.max_new_tokens
+    lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)
+    P = int(lengths.max())
+    padded = bool((lengths != P).any())
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    history = torch.full((B, P + N), -1, dtype=torch.long, device=device)  # -1: padding / not yet sampled
+    for i, ids in enumerate(prompt_ids):
+        history[i, P - len(ids):P] = torch.tensor(ids, device=device)
+    # left padding: every row's last prompt token sits in slot P-1, so all rows decode in lockstep
+    key_mask = torch.arange(P + N, device=device) >= (P - lengths)[:, None]  # (B, P+N) True = real token
+    generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            cache = model.new_cache(B, P + N)
+            idx = history[:, :P].clamp(min=0).masked_fill(~key_mask[:, :P], pad_id)
+            positions = (torch.arange(P, device=device) - (P - lengths)[:, None]).clamp(min=0) if padded else None
+            logits = model(idx, cache=cache, positions=positions,
+                           attn_mask=key_mask[:, :P] if padded else None, last_only=True)[0][:, -1]
+        for step in range(N):
+            with torch.inference_mode():
+                logits = apply_repetition_penalty(logits.float(), history[:, :P + step], params.repetition_penalty)
+                tokens = sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
+                history[:, P + step] = tokens
+            for i, token in enumerate(tokens.tolist()):
+                if not rows[i].done:
+                    piece = rows[i].push(token, last=step == N - 1)
+                    if piece:
+                        yield i, piece
+            if all(row.done for row in rows):
+                break
+            with torch.inference_mode():
+                positions = (lengths + step)[:, None] if padded else None
+                logits = model(tokens[:, None], cache=cache, positions=positions,
+                               attn_mask=key_mask[:, :P + step + 1] if padded else None, last_only=True)[0][:, -1]
+    finally:
+        model.train(was_training)
+
+
+def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    if params is None:
+        return SamplingParams(**overrides)
+    return SamplingParams(**{**params.__dict__, **overrides}) if overrides else params
+
+
+def generate(model, tokenizer, prompts: str | list[str], params: SamplingParams | None = None,
+             **overrides) -> str | list[str]:
+    """Completions of one prompt (str in, str out) or a batch (list in, list out).
+    Keyword overrides are SamplingParams fields, e.g. generate(m, tok, "Hi", max_new_tokens=20)."""
+    params = _params(params, overrides)
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    pieces: list[list[str]] = [[] for _ in batch]
+    for i, piece in _decode_rows(model, tokenizer, batch, params):
+        pieces[i].append(piece)
+    texts = ["".join(p) for p in pieces]
+    return texts[0] if isinstance(prompts, str) else texts
+
+
+def stream(model, tokenizer, prompt: str, params: SamplingParams | None = None, **overrides) -> Iterator[str]:
+    """The completion of one prompt as text pieces, token by token; they join to generate()'s result."""
+    for _, piece in _decode_rows(model, tokenizer, [prompt], _params(params, overrides)):
+        yield piece
