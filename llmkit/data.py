@@ -204,7 +204,8 @@ def _write_splits(files, out: Path, tokenizer: Tokenizer, dtype: str, val_fracti
                 ids.tofile(handles[split])
                 tokens[split] += len(ids)
     if n_docs == 0:
-        raise LlmkitError(f"empty corpus: no text in {', '.join(map(str, files)) or 'the inputs'}")
+        shown = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise LlmkitError(f"empty corpus: no text in {shown or 'the inputs (no .txt/.jsonl files)'}")
     itemsize = np.dtype(np_dtype).itemsize
     split_by = "documents"
     if n_docs == 1 and val_fraction > 0:
