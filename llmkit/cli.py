@@ -80,6 +80,62 @@ def eval_(
               f"({result['tokens']} tokens)")
 
 
+@app.command("generate")
+def generate_cmd(
+    prompt: str = typer.Argument(None, help="text to continue (or use --prompt-file)"),
+    model: str = typer.Option(..., "--model", help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
+    prompt_file: str = typer.Option(None, "--prompt-file", help="a batch of prompts, one per line"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.8, "--temperature", help="0 = greedy"),
+    top_k: int = typer.Option(None, "--top-k"),
+    top_p: float = typer.Option(None, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    stop: list[str] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    seed: int = typer.Option(None, "--seed"),
+    num_samples: int = typer.Option(1, "--num-samples"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto"),
+    echo: bool = typer.Option(True, "--echo/--no-echo", help="print each prompt before its completion"),
+):
+    """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
+    import torch
+
+    from llmkit.generate import SamplingParams, generate, stream
+    from llmkit.models import resolve_model
+
+    if (prompt is None) == (prompt_file is None):
+        raise LlmkitError("give either a PROMPT or --prompt-file, not both or neither")
+    if num_samples < 1:
+        raise LlmkitError(f"--num-samples must be >= 1, got {num_samples}")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, tokenizer = resolve_model(model, device=device)
+    if prompt_file is None:
+        for i in range(num_samples):
+            if i:
+                print("\n---")
+            sys.stdout.write(prompt if echo else "")
+            sample_seed = None if seed is None else seed + i  # one reproducible seed per sample
+            for piece in stream(net, tokenizer, prompt, params, seed=sample_seed):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        print()
+        return
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            prompts = [line for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmkitError(f"cannot read prompt file {prompt_file}: {e}") from None
+    if not prompts:
+        raise LlmkitError(f"prompt file {prompt_file} has no prompts")
+    batch = [p for p in prompts for _ in range(num_samples)]
+    for i, (p, completion) in enumerate(zip(batch, generate(net, tokenizer, batch, params))):
+        if i:
+            print("---")
+        print((p if echo else "") + completion)
+
+
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
