@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -94,14 +92,13 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
     def card(name: str) -> dict:
         return {"id": name, "object": "model", "created": started, "owned_by": "llmkit"}
 
-    def generator_for(name: str) -> Streamer:
+    def check_model(name: str, wanted: str | None, purpose: str) -> None:
         if name not in models:
             raise ApiError(404, f"model {name!r} is not served here; try one of {models}",
                            "not_found_error", "model_not_found")
-        if name != model_name or streamer is None:
-            raise ApiError(400, f"model {name!r} is an embedding model; it cannot generate text",
+        if name != wanted:
+            raise ApiError(400, f"model {name!r} cannot {purpose}; {wanted!r} can",
                            "invalid_request_error", "model_not_supported")
-        return streamer
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -128,46 +125,53 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
             raise ApiError(404, f"model {model_id!r} is not served here", "not_found_error", "model_not_found")
         return JSONResponse(card(model_id))
 
-    @app.post("/v1/completions", response_model=S.CompletionResponse, responses=ERRORS)
-    async def completions(body: S.CompletionRequest, request: Request):
-        gen = generator_for(body.model)
-        prompts = await run_in_threadpool(gen.completion_prompts, body.prompt)
-        return await gen.respond(request, body, prompts, chat=False)
+    if streamer is not None:
+        @app.post("/v1/completions", response_model=S.CompletionResponse, responses=ERRORS)
+        async def completions(body: S.CompletionRequest, request: Request):
+            check_model(body.model, model_name, "generate text")
+            prompts = await run_in_threadpool(streamer.completion_prompts, body.prompt)
+            return await streamer.respond(request, body, prompts, chat=False)
 
-    @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=ERRORS)
-    async def chat_completions(body: S.ChatRequest, request: Request):
-        gen = generator_for(body.model)
-        prompt = await run_in_threadpool(gen.chat_prompt, body.messages)
-        return await gen.respond(request, body, [prompt], chat=True)
+        @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=ERRORS)
+        async def chat_completions(body: S.ChatRequest, request: Request):
+            check_model(body.model, model_name, "generate text")
+            prompt = await run_in_threadpool(streamer.chat_prompt, body.messages)
+            return await streamer.respond(request, body, [prompt], chat=True)
 
-    @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERRORS)
-    async def embeddings(body: S.EmbeddingRequest):
-        if body.model not in models:
-            raise ApiError(404, f"model {body.model!r} is not served here; try one of {models}",
-                           "not_found_error", "model_not_found")
-        if body.model != embedding_model:
-            raise ApiError(400, f"model {body.model!r} is not an embedding model; start the server with "
-                           "--embedding-model to serve embeddings", "invalid_request_error", "model_not_supported")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not 1 <= len(texts) <= S.MAX_EMBED_INPUTS:
-            raise ApiError(400, f"input must hold 1 to {S.MAX_EMBED_INPUTS} texts, got {len(texts)}",
-                           "invalid_request_error", "invalid_value")
-        try:
-            vectors, n_tokens = await run_in_threadpool(embedder, texts)
-        except LlmkitError as e:
-            raise ApiError(400, str(e), "invalid_request_error", "invalid_value") from None
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if body.encoding_format == "base64":  # what the official client asks for by default
-            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-        else:
-            data = vectors.tolist()
-        metrics.prompt_tokens.inc(n_tokens)
-        return JSONResponse({
-            "object": "list", "model": body.model,
-            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-        })
+    if embedder is not None:
+        @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERRORS)
+        async def embeddings(body: S.EmbeddingRequest):
+            check_model(body.model, embedding_model, "embed text")
+            texts = [body.input] if isinstance(body.input, str) else body.input
+            try:
+                vectors, n_tokens = await run_in_threadpool(embedder, texts)
+            except LlmkitError as e:
+                raise ApiError(400, str(e), "invalid_request_error", "invalid_value") from None
+            vectors = np.asarray(vectors, dtype=np.float32)
+            if body.encoding_format == "base64":  # what the official client asks for by default
+                data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+            else:
+                data = vectors.tolist()
+            metrics.prompt_tokens.inc(n_tokens)
+            return JSONResponse({
+                "object": "list", "model": body.model,
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+            })
 
+    def openapi() -> dict:
+        """FastAPI's schema, plus the served model names as the `model` field's enum (documentation:
+        the handlers still answer an unknown name with OpenAI's 404 model_not_found)."""
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            names = {"CompletionRequest": [model_name], "ChatRequest": [model_name],
+                     "EmbeddingRequest": [embedding_model]}
+            for request_schema, served in names.items():
+                if request_schema in schema["components"]["schemas"]:
+                    schema["components"]["schemas"][request_schema]["properties"]["model"]["enum"] = served
+        return app.openapi_schema
+
+    app.openapi = openapi
     # Outermost but for Starlette's error middleware: refused requests cost no parsing, all are counted.
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     return app

@@ -31,6 +31,7 @@ from llmkit.errors import LlmkitError
 from llmkit.generate import Completion, sample_next
 
 log = logging.getLogger("llmkit.serve")
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,9 @@ class Engine:
         tokens = [0] * len(seqs)
         for rows in groups.values():
             p, gen = seqs[rows[0]].params, seqs[rows[0]].generator or self._generator
-            # top_p = 0 keeps only the most likely token (sample_next wants top_p > 0): that is greedy
-            temperature = 0.0 if p.top_p <= 0 else p.temperature
+            # top_p = 0 keeps only the most likely token (sample_next wants top_p > 0), and a temperature
+            # too small for logits / temperature to stay finite is the greedy limit too
+            temperature = 0.0 if p.top_p <= 0 or p.temperature < MIN_TEMPERATURE else p.temperature
             picked = sample_next(logits[rows].float(), temperature, None, p.top_p, gen)
             for i, token in zip(rows, picked.tolist()):
                 tokens[i] = token

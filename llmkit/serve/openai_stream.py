@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -93,8 +92,6 @@ class Streamer:
             raise _bad(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds this model's context "
                        f"of {context} tokens", "context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > S.MAX_STOP:
-            raise _bad(f"stop holds {len(stop)} strings; at most {S.MAX_STOP} are allowed")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               stop=tuple(s for s in stop if s), seed=body.seed)
 

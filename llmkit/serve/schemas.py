@@ -6,7 +6,7 @@ send options this server has no use for.
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,8 +16,11 @@ MAX_STOP = 4            # stop strings, as OpenAI
 MAX_EMBED_INPUTS = 256  # texts in one /v1/embeddings call
 
 TokenIds = list[int]
-Prompt = Union[str, list[str], TokenIds, list[TokenIds]]
-Stop = Union[str, list[str], None]
+Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
+               Annotated[TokenIds, Field(min_length=1)],
+               Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+Stop = Union[str, Annotated[list[str], Field(max_length=MAX_STOP)], None]
+Texts = Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
 
 
 class StreamOptions(BaseModel):
@@ -60,7 +63,7 @@ class ChatRequest(SamplingFields):
 
 class EmbeddingRequest(BaseModel):
     model: str
-    input: Union[str, list[str]] = Field(..., description="one text or a list of texts")
+    input: Union[str, Texts] = Field(..., description="one text or a list of texts")
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
