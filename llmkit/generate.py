@@ -263,6 +263,8 @@ def generate(model, tokenizer, prompts: str | list[str], params: SamplingParams 
     Keyword overrides are SamplingParams fields, e.g. generate(m, tok, "Hi", max_new_tokens=20)."""
     params = _params(params, overrides)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not batch:
+        return []
     pieces: list[list[str]] = [[] for _ in batch]
     for i, piece in _decode_rows(model, tokenizer, batch, params):
         pieces[i].append(piece)

@@ -72,6 +72,31 @@ def test_left_padded_rows_match_unpadded(style):
             torch.testing.assert_close(step[i, 0], alone[0, -1], atol=1e-5, rtol=0)
 
 
+def test_padding_mask_never_leaves_a_query_without_keys():
+    attn_mask = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    mask, causal = GPT._attention_mask(4, 1, attn_mask, "cpu")  # slots 1..4 are new, slot 1 is padding
+    assert mask.shape == (2, 1, 4, 5) and not causal
+    padded = [[0, 1, 0, 0, 0],   # a padding query sees only itself: no empty (NaN) softmax row
+              [0, 0, 1, 0, 0],   # real queries never see padding
+              [0, 0, 1, 1, 0],
+              [0, 0, 1, 1, 1]]
+    assert torch.equal(mask[0, 0], torch.tensor(padded).bool())
+    assert torch.equal(mask[1, 0], torch.ones(4, 5).tril(1).bool())
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_bf16_cache_matches_full_forward(style):
+    model = make(style).to(torch.bfloat16)
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.new_cache(2, 12)
+        assert cache.k[0].dtype == torch.bfloat16
+        stepped = torch.cat([model(idx[:, :5], cache=cache)[0], model(idx[:, 5:], cache=cache)[0]], 1)
+    assert full.dtype == torch.bfloat16
+    torch.testing.assert_close(stepped.float(), full.float(), atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_causality(style):
     model = make(style)

@@ -7,7 +7,8 @@ forward(idx, targets=None, *, cache=None, positions=None, attn_mask=None) -> (lo
              attention covers slots 0..cache.pos+T-1, then cache.pos += T.
   positions  (B, T) absolute positions (left-padded batches); default cache.pos + arange(T).
   attn_mask  (B, S) bool over the S = cache.pos + T keys, True = real token that may be attended.
-Attention is causal by slot: the query in slot s sees keys in slots <= s (and attn_mask allows).
+Attention is causal by slot: the query in slot s sees keys in slots <= s that attn_mask allows
+(a padding query also sees its own slot, so no row of the softmax is empty).
 """
 from __future__ import annotations
 
@@ -128,9 +129,12 @@ class GPT(nn.Module):
         S = start + T
         if attn_mask is not None and tuple(attn_mask.shape[1:]) != (S,):
             raise LlmkitError(f"attn_mask covers {attn_mask.shape[-1]} keys, expected {S} (cached + new)")
-        mask = torch.arange(S, device=device) <= torch.arange(start, S, device=device)[:, None]  # (T, S)
+        keys, slots = torch.arange(S, device=device), torch.arange(start, S, device=device)[:, None]
+        mask = keys <= slots  # (T, S)
         if attn_mask is not None:
-            mask = mask & attn_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+            # A padding query may always see its own slot: a row with no visible key would be NaN on
+            # some SDPA backends, and a NaN value poisons real rows even at attention weight 0.
+            mask = mask & (attn_mask.bool()[:, None, None, :] | (keys == slots))  # (B, 1, T, S)
         return mask, False
 
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
