@@ -24,6 +24,7 @@ from tqdm import tqdm
 from llmkit import distributed, train_state
 from llmkit.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
+from llmkit.objectives import contrastive_objective, masked_lm_objective
 from llmkit.optim import build_adamw, lr_at, set_lr
 from llmkit.perf import measure_peak_flops, mfu
 from llmkit.train_config import TrainConfig, load_train_config
@@ -45,6 +46,9 @@ def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 # objective name -> loss(model, x, y). Other objectives (masked LM, contrastive) register here.
 OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "causal": causal_lm_loss,
+    # encoder objectives: run by llmkit.encoder_train.EncoderTrainer, which supplies their batches
+    "mlm": masked_lm_objective,
+    "contrastive": contrastive_objective,
 }
 
 

@@ -16,6 +16,8 @@ import yaml
 
 from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.model.encoder import ENCODER_PRESETS, EncoderConfig
+from llmkit.objectives import ENCODER_OBJECTIVES
 
 
 @dataclass
@@ -55,7 +57,8 @@ class TrainConfig:
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} (float32, bfloat16, float16)"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device {self.device!r} (auto, cpu, cuda)"),
-            (self.preset in PRESETS, f"preset {self.preset!r}; choose from {', '.join(PRESETS)}"),
+            (self.preset in PRESETS or self.preset in ENCODER_PRESETS,
+             f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS])}"),
             (min(self.batch_size, self.block_size, self.grad_accum) > 0,
              "batch_size, block_size and grad_accum must be positive"),
             (self.max_steps >= 0 and self.warmup_steps >= 0, "max_steps and warmup_steps must be >= 0"),
@@ -66,7 +69,8 @@ class TrainConfig:
         for ok, what in checks:
             if not ok:
                 raise LlmkitError(f"bad training config: {what}")
-        unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)})
+        model_class = EncoderConfig if self.objective in ENCODER_OBJECTIVES else ModelConfig
+        unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(model_class)})
         if unknown:
             raise LlmkitError(f"unknown model config keys: {', '.join(unknown)}")
 
@@ -119,7 +123,8 @@ def _coerce(name: str, value, hint):
 
 
 def _set(values: dict, model: dict, key: str, value) -> None:
-    train_types, model_types = _field_types(TrainConfig), _field_types(ModelConfig)
+    # the objective may come later: accept keys of either model config; __post_init__ checks the right one
+    train_types, model_types = _field_types(TrainConfig), {**_field_types(EncoderConfig), **_field_types(ModelConfig)}
     if key.startswith("model."):
         sub = key[len("model."):]
         if sub not in model_types:

@@ -1,0 +1,57 @@
+"""Sentence embeddings from an encoder: `embed_texts`, and the files `llmkit embed` reads and writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkit.encoders import length_sorted_batches, pad_batch, tokenize
+from llmkit.errors import LlmkitError
+from llmkit.model.encoder import Encoder
+from llmkit.tokenizer import Tokenizer
+from llmkit.utils import atomic_open, atomic_path
+
+OUTPUT_FORMATS = (".jsonl", ".npy")
+
+
+@torch.inference_mode()
+def embed_texts(model: Encoder, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """(N, n_embd) float32 sentence embeddings, in the order of `texts`.
+
+    Texts are stripped (as sentence-transformers does), tokenized in one parallel call, and run in
+    batches of similar token length, so padding (wasted matmul rows) stays near zero.
+    """
+    if batch_size < 1:
+        raise LlmkitError(f"batch size must be positive, got {batch_size}")
+    if not texts:
+        return np.zeros((0, model.config.n_embd), dtype=np.float32)
+    encodings = tokenize(tokenizer, [t.strip() for t in texts])
+    device = next(model.parameters()).device
+    out = torch.empty((len(texts), model.config.n_embd), dtype=torch.float32)
+    for idx in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
+        ids, mask = pad_batch([encodings[i].ids for i in idx], model.config.pad_token_id)
+        emb = model.embed_sentences(ids.to(device), mask.to(device))
+        out[torch.as_tensor(idx)] = emb.float().cpu()
+    return out.numpy()
+
+
+def write_embeddings(path, vectors: np.ndarray, texts: list[str]) -> Path:
+    """.npy: the (N, D) float32 matrix. .jsonl: {"text", "embedding"} per line. Written atomically."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_FORMATS:
+        raise LlmkitError(f"output {path} must end in {' or '.join(OUTPUT_FORMATS)}")
+    if path.suffix == ".npy":
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, vectors.astype(np.float32))
+    else:
+        with atomic_open(path, encoding="utf-8") as f:
+            f.writelines(jsonl_lines(texts, vectors))
+    return path
+
+
+def jsonl_lines(texts: list[str], vectors: np.ndarray):
+    """{"text", "embedding"} lines; 7 decimals keep float32 precision for unit-length vectors."""
+    for text, vec in zip(texts, vectors):
+        yield json.dumps({"text": text, "embedding": [round(float(x), 7) for x in vec]}, ensure_ascii=False) + "\n"
