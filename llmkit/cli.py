@@ -20,14 +20,25 @@ def train(
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
     preset: str = typer.Option(None, "--preset", help="model preset name"),
     max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps to train for"),
+    objective: str = typer.Option(None, "--objective", help="causal (default), mlm or contrastive (encoders)"),
+    base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
 ):
     """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
+    from llmkit.objectives import ENCODER_OBJECTIVES
     from llmkit.train import Trainer, load_train_config
 
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
-    config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps)
-    trainer = Trainer(config, resume=resume)
+    config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
+                               objective=objective)
+    if config.objective in ENCODER_OBJECTIVES:
+        from llmkit.encoder_train import EncoderTrainer
+
+        trainer = EncoderTrainer(config, model=base_model, resume=resume)
+    elif base_model is not None:
+        raise LlmkitError("--model is for encoder objectives (contrastive); decoders start from --preset")
+    else:
+        trainer = Trainer(config, resume=resume)
     metrics = trainer.fit()
     if trainer.dist.is_main and "loss" in metrics:
         val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
@@ -265,6 +276,77 @@ def attention_cmd(
 
     net, tokenizer = resolve_model(model)
     print(f"wrote {attention_png(net, tokenizer, text, out, _int_list(layers, '--layers'), _int_list(heads, '--heads'))}")
+
+
+@app.command("embed")
+def embed_cmd(
+    input_file: str = typer.Argument(..., metavar="FILE", help="text file, one sentence per line"),
+    model: str = typer.Option("all-minilm-l6-v2", "--model",
+                              help="all-minilm-l6-v2, an llmkit encoder dir or a HF BERT/RoBERTa dir"),
+    out: str = typer.Option(None, "--out", "-o", help="output .jsonl or .npy (default: JSONL on stdout)"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
+    from llmkit.embed import embed_texts, jsonl_lines, write_embeddings
+    from llmkit.encoders import load_encoder, read_lines
+
+    if out is not None and not out.endswith((".jsonl", ".npy")):
+        raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
+    texts = read_lines(input_file)
+    net, tokenizer = load_encoder(model, device=device)
+    vectors = embed_texts(net, tokenizer, texts, batch_size=batch_size)
+    if out is None:
+        sys.stdout.writelines(jsonl_lines(texts, vectors))
+    else:
+        write_embeddings(out, vectors, texts)
+        print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {out}", file=sys.stderr)
+
+
+FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
+                  "tag": "token classification (BIO tags), JSONL {tokens, tags}"}
+
+
+@app.command("finetune")
+def finetune_cmd(
+    data: str = typer.Argument(..., help="training data (JSONL; format depends on --task)"),
+    task: str = typer.Option(..., "--task", help="; ".join(f"{k}: {v}" for k, v in FINETUNE_TASKS.items())),
+    model: str = typer.Option(..., "--model", help="base model (for classify/tag: an encoder or all-minilm-l6-v2)"),
+    out: str = typer.Option(..., "--out", help="output model dir"),
+    val: str = typer.Option(None, "--val", help="validation JSONL (default: hold out a tenth of the data)"),
+    epochs: int = typer.Option(5, "--epochs"),
+    lr: float = typer.Option(5e-5, "--lr"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Fine-tune a model for a task and save it to --out; prints validation metrics per epoch."""
+    if task in ("classify", "tag"):
+        from llmkit.tasks import FinetuneConfig, finetune, format_metrics
+
+        config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+        metrics = finetune(model, data, out, task, val_path=val, config=config,
+                           log=lambda line: print(line, file=sys.stderr))
+        print(f"{format_metrics(metrics) or 'no validation data'}; model saved to {out}")
+        return
+    raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
+
+
+@app.command("predict")
+def predict_cmd(
+    input_file: str = typer.Argument(..., metavar="FILE",
+                                     help="JSONL ({text} or {tokens}, gold label/tags optional) or .txt lines"),
+    model: str = typer.Option(..., "--model", help="a model fine-tuned with `llmkit finetune --task classify|tag`"),
+    out: str = typer.Option(None, "--out", "-o", help="output JSONL (default: stdout)"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
+    from llmkit.tasks import format_metrics, run_predict
+
+    metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
+    if metrics is not None:
+        print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
 
 
 def main() -> None:
