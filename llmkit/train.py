@@ -174,9 +174,9 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         """The single place the training objective is evaluated; override or register in OBJECTIVES."""
-        return OBJECTIVES[self.config.objective](self.model, x, y)
+        return OBJECTIVES[self.config.objective](self.model if model is None else model, x, y)
 
     def next_batch(self, sampler) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = sampler.next_batch()
@@ -215,13 +215,16 @@ class Trainer:
         if len(self.val_tokens) <= self.config.block_size:
             return None
         sampler = self._sampler(self.val_tokens, VAL_SEED)  # fresh: the same windows at every evaluation
-        self.model.eval()
+        # The unwrapped eager model: no DDP hooks needed without gradients, and no second
+        # torch.compile graph (no_grad/eval mode) for a few batches.
+        model = self.raw_model
+        model.eval()
         total = torch.zeros((), device=self.device)
         for _ in range(self.config.eval_iters):
             x, y = self.next_batch(sampler)
             with self.autocast():
-                total += self.compute_loss(x, y).float()
-        self.model.train()
+                total += self.compute_loss(x, y, model=model).float()
+        model.train()
         return distributed.mean_across(total / self.config.eval_iters).item()
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -233,7 +236,8 @@ class Trainer:
                 self._open_logs()
             peak = (cfg.peak_flops or measure_peak_flops(self.device, self.dtype)) * self.dist.world_size
             bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (main and cfg.progress),
-                       file=sys.stderr, dynamic_ncols=True, desc="train")
+                       file=sys.stderr, dynamic_ncols=True, desc="train",
+                       mininterval=0.5 if sys.stderr.isatty() else 10.0)  # sparse lines in CI logs
             self.model.train()
             self._start = time.perf_counter()
             window_start, window_steps, loss_sum = time.perf_counter(), 0, None

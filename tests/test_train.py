@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,11 @@ def test_train_cli_errors(data_dir, tmp_path, monkeypatch, capsys, args, message
     code, _, err = run_cli(monkeypatch, capsys, "train", *base, *args)
     assert code == 1
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_example_configs_parse():
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("train_*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = load_train_config(path, ["max_steps=1"])
+        assert cfg.max_steps == 1 and cfg.preset
