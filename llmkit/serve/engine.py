@@ -41,6 +41,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Job:
 class Sequence:
     def __init__(self, job: Job, index: int, prompt: list[int], params: SamplingParams, tokenizer, stop_ids):
         self.job, self.index, self.prompt, self.params = job, index, prompt, params
-        self.completion = Completion(tokenizer, prompt, params.stop, stop_ids)  # text, stop strings/ids
+        # text, stop strings and stop tokens, as llmkit.generate handles them
+        self.completion = Completion(tokenizer, prompt, params.stop, () if params.ignore_eos else stop_ids)
         # a seeded request draws from its own generator, so other requests cannot change its tokens
         self.generator = None
         if params.seed is not None:

@@ -93,7 +93,7 @@ class Streamer:
                        f"of {context} tokens", "context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=tuple(s for s in stop if s), seed=body.seed)
+                              stop=tuple(s for s in stop if s), seed=body.seed, ignore_eos=body.ignore_eos)
 
     async def respond(self, request, body, prompts: list[list[int]], chat: bool):
         params = self._params(body, prompts, chat)

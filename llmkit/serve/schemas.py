@@ -39,6 +39,7 @@ class SamplingFields(BaseModel):
     stop: Stop = None
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     user: str | None = None
+    ignore_eos: bool = Field(False, description="extension (as vLLM): generate max_tokens even past end-of-text")
 
 
 class CompletionRequest(SamplingFields):
