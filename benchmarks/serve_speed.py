@@ -99,12 +99,15 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16, help="the batching server's --max-batch")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the servers")
     ap.add_argument("--port", type=int, default=8731)
+    ap.add_argument("--modes", nargs="+", default=["batched", "one-at-a-time"], choices=["batched", "one-at-a-time"])
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
     served = Path(args.model).stem if Path(args.model).is_file() else Path(args.model).name
     rows = []
     for mode, max_batch in (("batched", args.max_batch), ("one-at-a-time", 1)):
+        if mode not in args.modes:
+            continue
         proc = start_server(args.model, args.port, max_batch, args.threads)
         url = f"http://127.0.0.1:{args.port}"
         try:

@@ -154,7 +154,7 @@ def test_bad_completion_inputs(url):
     error_of(httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20)), 413)
     error_of(httpx.get(f"{url}/v1/nothing-here"), 404)
     error_of(httpx.get(f"{url}/v1/completions"), 405)
-    error_of(httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": "x"}), 400)
+    error_of(httpx.post(f"{url}/v1/embeddings", json={"model": "tiny", "input": "x"}), 404)  # no encoder
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).models.retrieve("other")
 
@@ -250,3 +250,10 @@ def test_embeddings_beside_a_decoder_and_alone(tiny):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert len(client.embeddings.create(model="all-minilm-l6-v2", input="hello").data[0].embedding) == 384
         assert httpx.get(f"{url}/health").json()["models"] == ["all-minilm-l6-v2"]
+
+
+def test_request_larger_than_the_queue_is_a_400(tiny):
+    model, tok = tiny
+    with server_thread(create_app(Engine(model, tok, max_queue=4), "tiny")) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2})
+        assert "queue size of 4" in error_of(r, 400)["message"]

@@ -172,3 +172,26 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
     first, second = run(engine, go)
     assert first[0][2] == "error"
     assert second[0][2] in ("length", "stop") and second[0][1] >= 1
+
+
+def test_cache_grows_on_demand_and_is_released_when_idle(tiny, monkeypatch):
+    import llmkit.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "INITIAL_SLOTS", 8)
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2)
+    sizes = []
+    real_grow = engine._grow
+
+    def grow(need):
+        real_grow(need)
+        sizes.append(engine._cache.max_len)
+
+    engine._grow = grow
+
+    async def go():
+        return await collect(engine.submit([tok.encode("the king")], SamplingParams(max_tokens=30, ignore_eos=True)))
+
+    assert run(engine, go)[0][1:] == (30, "length")
+    assert sizes[0] == 8 and sizes[-1] >= 32 and sizes == sorted(sizes)  # doubled as the sequence grew
+    assert engine._cache is None  # nothing running: the grown cache is given back

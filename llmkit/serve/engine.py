@@ -32,6 +32,7 @@ from llmkit.generate import Completion, sample_next
 
 log = logging.getLogger("llmkit.serve")
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
+INITIAL_SLOTS = 256      # cache length allocated first; it doubles on demand up to the context
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,10 @@ class Engine:
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Job:
         """Queue `n` sequences per prompt (event index = prompt_index * n + choice). Call on the event loop."""
         size = len(prompts) * n
+        for prompt in prompts:
+            if not prompt or len(prompt) + params.max_tokens > self.context or params.max_tokens < 1:
+                raise LlmkitError(f"a prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} does not fit "
+                                  f"the context of {self.context} tokens (each needs at least one)")
         if size > self.max_queue:
             raise LlmkitError(f"{size} sequences in one request exceed the queue size of {self.max_queue}")
         with self._cv:
@@ -303,8 +308,10 @@ class Engine:
             last.row = seq.row
             self._rows[seq.row] = last
         seq.row = -1
-        if not self._rows:
+        if not self._rows:  # idle: start over at slot 0, and give back a cache a long request grew
             self._cache.pos = 0
+            if self._cache.max_len > INITIAL_SLOTS:
+                self._cache = None
 
     # ---- cache geometry ----------------------------------------------------------------
 
@@ -336,7 +343,7 @@ class Engine:
 
     def _grow(self, need: int) -> None:
         old = self._cache
-        size = min(self.context, max(need, 256, 2 * old.max_len if old is not None else 0))
+        size = min(self.context, max(need, INITIAL_SLOTS, 2 * old.max_len if old is not None else 0))
         if old is not None and size <= old.max_len:
             return
         new = self.model.new_cache(self.max_batch, size)

@@ -103,6 +103,8 @@ class Streamer:
             self.metrics.rejected.inc()
             raise ApiError(429, str(e), "rate_limit_error", "queue_full",
                            {"Retry-After": str(e.retry_after)}) from None
+        except LlmkitError as e:  # more sequences than the queue can ever hold
+            raise _bad(str(e)) from None
         prompt_tokens = sum(len(p) for p in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.id}", "created": int(time.time()),
