@@ -252,6 +252,8 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    if params is not None and not isinstance(params, SamplingParams):
+        raise LlmkitError(f"params must be a SamplingParams, got {params!r}; pass e.g. max_new_tokens=... by keyword")
     if params is None:
         return SamplingParams(**overrides)
     return SamplingParams(**{**params.__dict__, **overrides}) if overrides else params
