@@ -43,7 +43,8 @@ def run(engine, coro):
 
 
 PROMPTS = ["The king", "Soldiers march home through rain to find their hearts older than the walls of",
-           "A", "Love and war in a garden where roses grow", "the pale moon", "Queen speaks of the stone"]
+           "Soldiers march home through rain to a garden", "A", "Love and war in a garden where roses grow",
+           "the pale moon", "Queen speaks of the stone"]
 
 
 def test_continuous_batching_matches_one_at_a_time(tiny):
@@ -53,6 +54,9 @@ def test_continuous_batching_matches_one_at_a_time(tiny):
     lengths = [20 + 2 * (i % 3) for i in range(len(PROMPTS))]
     expected = [generate(model, tok, p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths)]
     engine = Engine(model, tok, max_batch=3, context=64)
+    reused = []
+    real_reuse = engine._reuse_prefix
+    engine._reuse_prefix = lambda prompt, own: reused.append(real_reuse(prompt, own)) or reused[-1]
 
     async def go():
         jobs = []
@@ -68,6 +72,7 @@ def test_continuous_batching_matches_one_at_a_time(tiny):
         assert (finish, n_tokens) == ("length", n) or (finish == "stop" and n_tokens < n)
     assert engine.active_count == 0 and engine.queue_depth == 0
     assert engine.steps > 0
+    assert max(reused) >= 6  # the second "Soldiers march home ..." prompt skipped its shared prefix
 
 
 def test_choices_share_a_prefill_and_seeds_reproduce(tiny):

@@ -12,6 +12,8 @@ on its own and its keys/values copied into a free row; if it is longer than P, e
 row is shifted right first. Active rows stay packed in rows 0..b-1 (a leaving row is
 replaced by the last one), so a step computes only the b live rows. When P would
 run past the cache, or most slots are dead, all rows shift left together (compaction).
+A prompt that starts like the previous one (the same system turn, or the next turn of a
+conversation) copies that shared prefix's keys/values instead of recomputing them.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from llmkit.generate import Completion, sample_next
 log = logging.getLogger("llmkit.serve")
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
 INITIAL_SLOTS = 256      # cache length allocated first; it doubles on demand up to the context
+MIN_SHARED_PREFIX = 4    # shorter shared prefixes are recomputed: copying them saves nothing
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
         self._cache = None  # allocated on first use, grown on demand up to `context` slots
+        self._last_prefill = None  # (prompt ids, its 1-row cache): the prefix others may share
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
@@ -189,7 +193,7 @@ class Engine:
                 for seq in self._rows:
                     seq.job.emit(Event(seq.index, finish="error", error=f"generation failed: {e}"))
                 self._rows.clear()
-                self._cache = None
+                self._cache = self._last_prefill = None
 
     def _step(self) -> None:
         self._drop_gone()
@@ -237,7 +241,9 @@ class Engine:
         prompt = group[0].prompt
         n = len(prompt)
         own = self.model.new_cache(1, n)
-        logits, _ = self.model(torch.tensor([prompt]), cache=own, last_only=True)
+        start = self._reuse_prefix(prompt, own)
+        logits, _ = self.model(torch.tensor([prompt[start:]]), cache=own, last_only=True)
+        self._last_prefill = (prompt, own)
         self._fit(joining=n)
         cache, pos = self._cache, self._cache.pos
         for seq in group:
@@ -249,6 +255,22 @@ class Engine:
         tokens = self._sample(logits[:, -1].expand(len(group), -1), group)
         for seq, token in zip(group, tokens):
             self._accept(seq, token)
+
+    def _reuse_prefix(self, prompt: list[int], own) -> int:
+        """Copy the keys/values of the prefix this prompt shares with the previous one into `own`
+        (chat prompts start with the same system turn; a conversation's next prompt extends its last)
+        and return its length: that much prefill is skipped. At least one token is always computed."""
+        if self._last_prefill is None:
+            return 0
+        last, cache = self._last_prefill
+        limit = min(len(last), len(prompt) - 1)
+        shared = next((i for i in range(limit) if last[i] != prompt[i]), limit)
+        if shared < MIN_SHARED_PREFIX:
+            return 0
+        for dst, src in zip(own.k + own.v, cache.k + cache.v):
+            dst[:, :, :shared] = src[:, :, :shared]
+        own.pos = shared
+        return shared
 
     def _decode(self) -> None:
         self._fit()
