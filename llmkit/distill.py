@@ -173,10 +173,11 @@ class DistillTrainer(Trainer):
         return AlignedWindowSampler(tokens, self.config.block_size, self.config.batch_size, seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
 
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not self.model.training:  # validation: the hard loss only
-            return super().compute_loss(x, y)
-        logits, _ = self.model(x)
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        model = self.model if model is None else model
+        if not model.training:  # validation: the hard loss only
+            return super().compute_loss(x, y, model)
+        logits, _ = model(x)
         if self.teacher_cache is not None:
             top = self.teacher_cache.lookup(self.train_sampler.last_windows)
             teacher = TopK(top.values.to(self.device), top.indices.to(self.device))

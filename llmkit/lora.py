@@ -224,14 +224,24 @@ def load_adapter_weights(model: nn.Module, path) -> None:
 
 
 def load_adapter(model: nn.Module, path) -> list[str]:
-    """Wrap `model` with the adapter saved in `path` and load its weights."""
+    """Wrap `model` with the adapter saved in `path` and load its weights; a mismatch leaves it untouched."""
     path = Path(path)
     meta = read_adapter_config(path)
-    available = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [n for n in meta["modules"] if n not in available]
+    config = LoRAConfig(**meta["lora"])
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [n for n in meta["modules"] if n not in linears]
     if missing:
         raise LlmkitError(f"adapter {path} targets layers the model does not have: {missing[:3]}")
-    config = LoRAConfig(**meta["lora"])
+    state = _read_adapter_weights(path)
+    for name in meta["modules"]:
+        layer = linears[name]
+        for key, shape in ((f"{name}.lora_A", (config.rank, layer.in_features)),
+                           (f"{name}.lora_B", (layer.out_features, config.rank))):
+            if key not in state:
+                raise LlmkitError(f"adapter {path} lacks {key}")
+            if tuple(state[key].shape) != shape:
+                raise LlmkitError(f"adapter {path}: {key} has shape {tuple(state[key].shape)}, "
+                                  f"the model needs {shape}")
     names = apply_lora(model, LoRAConfig(**{**asdict(config), "targets": meta["modules"]}))
     load_adapter_weights(model, path)
     model.lora_config = config
