@@ -136,6 +136,8 @@ def error_of(response: httpx.Response, status: int) -> dict:
     (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 0}).encode(), 400, None),
     (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                  "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, None),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}', 400, None),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": "\\udfff"}', 400, None),
 ])
 def test_bad_chat_requests_get_openai_errors(url, body, status, code):
     r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
@@ -150,6 +152,7 @@ def test_bad_completion_inputs(url):
     assert "vocabulary" in error_of(post({"model": "tiny", "prompt": [10 ** 6]}), 400)["message"]
     error_of(post({"model": "tiny", "prompt": []}), 400)
     error_of(post({"model": "tiny", "prompt": "x", "max_tokens": 0}), 400)
+    error_of(httpx.post(f"{url}/v1/completions", content=b'{"model": "tiny", "prompt": ["\\ud800"]}'), 400)
     error_of(post({"model": "tiny"}), 400)
     error_of(httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20)), 413)
     error_of(httpx.get(f"{url}/v1/nothing-here"), 404)

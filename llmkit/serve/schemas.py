@@ -8,19 +8,30 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_CHOICES = 8         # `n` per prompt
 MAX_PROMPTS = 16        # prompts in one /v1/completions call
 MAX_STOP = 4            # stop strings, as OpenAI
 MAX_EMBED_INPUTS = 256  # texts in one /v1/embeddings call
 
+
+def _encodable(text: str) -> str:
+    # JSON may carry lone surrogates (\ud800); they are not text and no tokenizer can encode them
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text contains a lone UTF-16 surrogate, which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 TokenIds = list[int]
-Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
+Prompt = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)],
                Annotated[TokenIds, Field(min_length=1)],
                Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
-Stop = Union[str, Annotated[list[str], Field(max_length=MAX_STOP)], None]
-Texts = Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+Stop = Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP)], None]
+Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
 
 
 class StreamOptions(BaseModel):
@@ -29,7 +40,7 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """The generation parameters shared by completions and chat completions."""
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1, description="default: 16 (completions), rest of the context (chat)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)
@@ -48,12 +59,12 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: Union[Text, list[TextPart]]
     name: str | None = None
 
 
@@ -63,8 +74,8 @@ class ChatRequest(SamplingFields):
 
 
 class EmbeddingRequest(BaseModel):
-    model: str
-    input: Union[str, Texts] = Field(..., description="one text or a list of texts")
+    model: Text
+    input: Union[Text, Texts] = Field(..., description="one text or a list of texts")
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
