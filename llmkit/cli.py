@@ -304,12 +304,14 @@ def embed_cmd(
 
 
 FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
-                  "tag": "token classification (BIO tags), JSONL {tokens, tags}"}
+                  "tag": "token classification (BIO tags), JSONL {tokens, tags}",
+                  "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
 @app.command("finetune")
 def finetune_cmd(
-    data: str = typer.Argument(..., help="training data (JSONL; format depends on --task)"),
+    data: str = typer.Argument(None, help="training data (JSONL; format depends on --task), or --data"),
+    data_option: str = typer.Option(None, "--data", help="the training data, as an option"),
     task: str = typer.Option(..., "--task", help="; ".join(f"{k}: {v}" for k, v in FINETUNE_TASKS.items())),
     model: str = typer.Option(..., "--model", help="base model (for classify/tag: an encoder or all-minilm-l6-v2)"),
     out: str = typer.Option(..., "--out", help="output model dir"),
@@ -319,8 +321,36 @@ def finetune_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device"),
+    lora: bool = typer.Option(False, "--lora", help="sft: train low-rank adapters only (try --lr 1e-3)"),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="sft --lora: adapter rank"),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="sft --lora: scale alpha/rank of the update"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="sft --lora: dropout on the adapter input"),
+    lora_targets: str = typer.Option("all-linear", "--lora-targets",
+                                     help="sft --lora: comma-separated layers (qkv,proj,gate_up,fc) or all-linear"),
+    max_steps: int = typer.Option(None, "--max-steps", help="sft: optimizer steps (default: --epochs passes)"),
+    block_size: int = typer.Option(512, "--block-size", help="sft: longest sequence; longer chats are truncated"),
+    pack: bool = typer.Option(False, "--pack", help="sft: pack chats into full rows instead of padding"),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="sft --lora: also save the merged model in --out"),
+    resume: bool = typer.Option(False, "--resume", help="sft: continue from the checkpoint in --out"),
+    settings: list[str] = typer.Option(None, "--set", help="sft: trainer KEY=VALUE (repeatable): grad_accum=4, "
+                                                            "dtype=bfloat16, ckpt_interval=100, threads=1, ..."),
 ):
     """Fine-tune a model for a task and save it to --out; prints validation metrics per epoch."""
+    if (data is None) == (data_option is None):
+        raise LlmkitError("give the training data once: as DATA or as --data")
+    data = data or data_option
+    if task == "sft":
+        from llmkit.lora import LoRAConfig
+        from llmkit.sft_train import run_sft
+
+        adapters = LoRAConfig(lora_rank, lora_alpha, lora_dropout, lora_targets) if lora else None
+        metrics = run_sft(model, data, out, val=val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          device=device, lora=adapters, max_steps=max_steps, block_size=block_size, pack=pack,
+                          merge=merge, resume=resume, settings=settings or [],
+                          log=lambda line: print(line, file=sys.stderr))
+        val_text = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+        print(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}{val_text}; saved to {out}")
+        return
     if task in ("classify", "tag"):
         from llmkit.tasks import FinetuneConfig, finetune, format_metrics
 
