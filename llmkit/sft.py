@@ -186,6 +186,11 @@ class SFTSampler:
             rows = rows * -(-self.batch_size // len(rows))
         return rows
 
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows (conversations, or packed rows) one pass over the data yields."""
+        return len(self._rows)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cursor + self.batch_size > len(self._rows):  # drop the ragged tail of an epoch
             self.epoch, self.cursor = self.epoch + 1, 0

@@ -179,3 +179,27 @@ class SFTTrainer(Trainer):
         merged = merge_lora(copy.deepcopy(self.raw_model))
         return save_checkpoint(out_dir, merged, self.tokenizer,
                                extra={"base": self.model_source, "lora": asdict(self.lora)})
+
+
+def run_sft(model: str, data, out, val=None, epochs: int = 3, lr: float = 5e-5, batch_size: int = 16,
+            seed: int = 0, device: str = "cpu", lora: LoRAConfig | None = None, max_steps: int | None = None,
+            block_size: int = 512, pack: bool = False, merge: bool = True, resume: bool = False,
+            settings=(), log=print) -> dict:
+    """`llmkit finetune --task sft`: steps default to `epochs` passes over the training conversations,
+    with a short warmup and cosine decay to lr/10 over the run; `settings` are TrainConfig KEY=VALUEs."""
+    from llmkit.train_config import load_train_config
+
+    config = load_train_config(None, settings, data_dir=str(data), out_dir=str(out), lr=lr, min_lr=lr / 10,
+                               batch_size=batch_size, block_size=block_size, seed=seed, device=device,
+                               max_steps=max_steps)
+    trainer = SFTTrainer(config, model=model, lora=lora, pack=pack, val_data=val, merge=merge, resume=resume, log=log)
+    if max_steps is None:
+        if epochs < 1:
+            raise LlmkitError(f"--epochs must be >= 1, got {epochs}")
+        rows = trainer.train_sampler.rows_per_epoch
+        config.max_steps = epochs * max(1, rows // (config.batch_size * config.grad_accum))
+    if not any(s.startswith(("warmup_steps=", "lr_decay_steps=")) for s in settings):
+        config.warmup_steps = max(1, config.max_steps // 20)
+        config.lr_decay_steps = config.max_steps
+    log(f"training {config.max_steps} steps of {config.batch_size} x {config.grad_accum} sequences")
+    return trainer.fit()
