@@ -155,7 +155,8 @@ def test_queue_pushes_back(tiny):
 
 
 def test_engine_survives_a_failing_step(tiny, monkeypatch):
-    """A broken forward pass fails the running requests with an error event; later ones still work."""
+    """A broken forward pass (in a prefill, then in a decode step) fails the requests it was working
+    on with an error event; the engine keeps serving the next ones."""
     model, tok = tiny
     engine = Engine(model, tok, max_batch=2)
     real_forward = model.forward
@@ -163,20 +164,21 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] in (1, 4):  # the first request's prefill; the second one's second decode step
             raise RuntimeError("boom")
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", flaky)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
     async def go():
-        first = await collect(engine.submit([tok.encode("a")], SamplingParams(max_tokens=8, temperature=0)))
-        second = await collect(engine.submit([tok.encode("a")], SamplingParams(max_tokens=8, temperature=0)))
-        return first, second
+        return [await collect(engine.submit([tok.encode("a")], params)) for _ in range(3)]
 
-    first, second = run(engine, go)
-    assert first[0][2] == "error"
-    assert second[0][2] in ("length", "stop") and second[0][1] >= 1
+    first, second, third = run(engine, go)
+    assert first[0] == ("", 0, "error")
+    assert second[0][1:] == (2, "error")  # the prefill's token and one decode step got out
+    assert third[0][1:] == (8, "length")
+    assert engine.active_count == 0
 
 
 def test_cache_grows_on_demand_and_is_released_when_idle(tiny, monkeypatch):

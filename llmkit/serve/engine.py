@@ -121,6 +121,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
+        self._admitting: list[Sequence] = []
         self._cache = None  # allocated on first use, grown on demand up to `context` slots
         self._last_prefill = None  # (prompt ids, its 1-row cache): the prefix others may share
         self._thread: threading.Thread | None = None
@@ -190,9 +191,9 @@ class Engine:
                     self._step()
             except Exception as e:  # a bug, or out of memory: fail the batch, keep serving
                 log.exception("engine step failed")
-                for seq in self._rows:
+                for seq in {id(s): s for s in self._rows + self._admitting}.values():
                     seq.job.emit(Event(seq.index, finish="error", error=f"generation failed: {e}"))
-                self._rows.clear()
+                self._rows, self._admitting = [], []
                 self._cache = self._last_prefill = None
 
     def _step(self) -> None:
@@ -235,7 +236,9 @@ class Engine:
                        and self._waiting[0].job is first.job and self._waiting[0].prompt is first.prompt):
                     group.append(self._waiting.popleft())
             budget -= len(first.prompt)
+            self._admitting = group  # neither queued nor in the batch: a failure must still reach them
             self._prefill(group)
+            self._admitting = []
 
     def _prefill(self, group: list[Sequence]) -> None:
         prompt = group[0].prompt
