@@ -55,7 +55,12 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
 def serve(model: str | None = "smollm2-135m-instruct", *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info", **options) -> None:
     """Build the app and run it under uvicorn until interrupted."""
+    import sys
+
     import uvicorn
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not options.get("api_key"):
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use it",
+              file=sys.stderr)
     app = build_app(model, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
