@@ -1,4 +1,5 @@
 """llmkit: a complete, hackable LLM toolkit on PyTorch."""
+from llmkit.chat import ChatSession, ask
 from llmkit.config import PRESETS, ModelConfig, preset
 from llmkit.data import RandomWindowSampler, load_split, prepare
 from llmkit.embed import embed_texts
@@ -9,6 +10,7 @@ from llmkit.generate import (SamplingParams, apply_repetition_penalty, generate,
                              top_k_filter, top_p_filter)
 from llmkit.model.decoder import GPT
 from llmkit.model.encoder import Encoder, EncoderConfig
+from llmkit.models import DEFAULT_MODEL, convert, resolve_model
 from llmkit.tasks import finetune
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import Trainer, TrainConfig

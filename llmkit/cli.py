@@ -147,26 +147,45 @@ def generate_cmd(
         print((p if echo else "") + completion)
 
 
-@app.command("serve")
-def serve_cmd(
+@app.command("chat")
+def chat_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
-                              help="decoder (llmkit/HF dir, .gguf, short name) or an encoder for embeddings"),
-    embedding_model: str = typer.Option(None, "--embedding-model", help="encoder served at /v1/embeddings too"),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
-    port: int = typer.Option(8000, "--port"),
-    api_key: str = typer.Option(None, "--api-key", envvar="LLMKIT_API_KEY",
-                                help="require 'Authorization: Bearer KEY' on /v1 and /metrics"),
-    max_batch: int = typer.Option(16, "--max-batch", help="sequences decoded together (1 = one at a time)"),
-    max_queue: int = typer.Option(128, "--max-queue", help="waiting sequences before HTTP 429"),
-    context: int = typer.Option(None, "--context", help="tokens per sequence, prompt + output (default: model's)"),
-    timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
-    max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
+                              help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
+    system: str = typer.Option(None, "--system", help="system message for the whole conversation"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest reply, in tokens"),
+    temperature: float = typer.Option(0.2, "--temperature", help="0 = greedy"),
+    top_k: int = typer.Option(None, "--top-k"),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: int = typer.Option(None, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto"),
 ):
-    """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
-    from llmkit.serve import serve
+    """Chat with a model: streamed replies, multi-turn history, /reset and /exit."""
+    import torch
 
-    serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
-          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body)
+    from llmkit.chat import ChatSession, chat_loop
+    from llmkit.generate import SamplingParams
+    from llmkit.models import resolve_model
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, tokenizer = resolve_model(model, device=device)
+    chat_loop(ChatSession(net, tokenizer, system=system, params=params))
+
+
+@app.command("convert")
+def convert_cmd(
+    src: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
+    dst: str = typer.Argument(..., help="output directory"),
+    to: str = typer.Option("llmkit", "--to", help="llmkit or hf"),
+):
+    """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory."""
+    from llmkit.models import convert
+
+    out = convert(src, dst, to=to)
+    print(f"wrote {to} model to {out}")
 
 
 @app.command("prepare")
