@@ -120,12 +120,6 @@ class SFTTrainer(Trainer):
         return total / count
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "sampler": self.train_sampler.state_dict(), "rng": train_state.capture_rng(),
-                "config": self.config.to_dict()}
-
     def save(self) -> None:
         if self.lora is None:
             super().save()
@@ -133,7 +127,7 @@ class SFTTrainer(Trainer):
             # Adapter first, state last, both stamped with the step: a crash in between is caught on resume.
             save_adapter(self.raw_model, self.out_dir, extra={"base": self.model_source, "train_step": self.step})
             with atomic_path(self.out_dir / train_state.STATE_FILE) as tmp:
-                torch.save(self._state(), tmp)
+                torch.save(self.training_state(), tmp)
         if self.dist.is_main:
             self.tokenizer.save(self.out_dir)
         distributed.barrier()
@@ -156,15 +150,7 @@ class SFTTrainer(Trainer):
             raise LlmkitError(f"cannot resume: adapter in {self.out_dir} is from step {meta.get('train_step')} "
                               f"but {path.name} is from step {state.get('step')} (interrupted save?)")
         load_adapter_weights(self.raw_model, self.out_dir)  # same Parameters: the optimizer still holds them
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.train_sampler.load_state_dict(state["sampler"])
-            train_state.restore_rng(state["rng"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise LlmkitError(f"cannot resume from {self.out_dir}: training state does not fit "
-                              f"this run ({str(e).splitlines()[0]})") from None
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.load_training_state(state)
 
     def fit(self) -> dict:
         metrics = super().fit()

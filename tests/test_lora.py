@@ -159,3 +159,20 @@ def test_adapting_twice_is_refused():
     apply_lora(model, LoRAConfig(rank=2))
     with pytest.raises(LlmkitError, match="already has LoRA"):
         apply_lora(model, LoRAConfig(rank=2))
+
+
+@pytest.mark.slow
+def test_smollm2_lora_sft_teaches_a_new_behaviour(tmp_path):
+    """The real thing, shortened: SmolLM2-135M answers held-out questions in prose before LoRA SFT
+    and as {"answer": ...} JSON after a few steps (examples/lora_sft_smollm2.py, full length)."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("llmkit.models").embedded_model_path("smollm2-135m-instruct")
+    path = Path(__file__).resolve().parents[1] / "examples" / "lora_sft_smollm2.py"
+    spec = importlib.util.spec_from_file_location("lora_sft_smollm2", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    before, after = example.run(tmp_path, steps=12, batch_size=6, lr=3e-3, n_train=96, threads=1,
+                                log=lambda *_: None)
+    assert before <= 1 / 6 and after >= 5 / 6

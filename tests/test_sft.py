@@ -180,5 +180,5 @@ def test_resume_with_another_rank_is_refused(tmp_path, base_dir, chats):
 
     cfg = TrainConfig(data_dir=str(chats), out_dir=str(tmp_path / "r"), block_size=32, batch_size=4, max_steps=4,
                       progress=False)
-    with pytest.raises(LlmkitError, match="has shape \(4, 48\), the model needs \(8, 48\)"):
+    with pytest.raises(LlmkitError, match=r"has shape \(4, 48\), the model needs \(8, 48\)"):
         SFTTrainer(cfg, model=str(base_dir), lora=LoRAConfig(rank=8), resume=True, log=lambda *_: None)
