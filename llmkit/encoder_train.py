@@ -29,15 +29,24 @@ CONTRASTIVE_VAL_FRACTION = 0.05
 
 
 class MaskedWindowSampler:
-    """Random token windows (llmkit.data.RandomWindowSampler), BERT-masked: (inputs, labels)."""
+    """Random token windows (llmkit.data.RandomWindowSampler), BERT-masked: (inputs, labels).
 
-    def __init__(self, windows, mask_id: int, vocab_size: int, special_ids: list[int], seed: int, rank: int = 0):
+    Like the windows, the masks are drawn for the whole global batch from a generator seeded alike on
+    every rank, and each rank keeps its rows: N ranks train on exactly what one process would."""
+
+    def __init__(self, windows, mask_id: int, vocab_size: int, special_ids: list[int], seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.windows, self.mask_id, self.vocab_size, self.special_ids = windows, mask_id, vocab_size, special_ids
-        self.generator = torch.Generator().manual_seed(seed * 1009 + rank)  # different masks on each rank
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, _ = self.windows.next_batch()
-        return mask_tokens(x, self.mask_id, self.vocab_size, self.special_ids, generator=self.generator)
+        mine = slice(self.rank * len(x), (self.rank + 1) * len(x))
+        full = x.new_zeros((len(x) * self.world_size, x.shape[1]))  # other ranks' rows: only their draws matter
+        full[mine] = x
+        inputs, labels = mask_tokens(full, self.mask_id, self.vocab_size, self.special_ids, generator=self.generator)
+        return inputs[mine], labels[mine]
 
     def state_dict(self) -> dict:
         return {"windows": self.windows.state_dict(), "mask_rng": self.generator.get_state()}
@@ -169,7 +178,7 @@ class EncoderTrainer(Trainer):
                                seed, self.dist.rank, self.dist.world_size)
         return MaskedWindowSampler(super()._sampler(data, seed), mask_token_id(self.tokenizer),
                                    self.model_config.vocab_size, special_token_ids(self.tokenizer), seed,
-                                   self.dist.rank)
+                                   self.dist.rank, self.dist.world_size)
 
     # ---- contrastive batches vary in width: count the tokens really seen -----------------------
     def next_batch(self, sampler):
