@@ -113,6 +113,16 @@ def test_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
     assert vals[8] == pytest.approx(vals_straight[8], abs=1e-6)
 
 
+def test_same_seed_same_run_other_seed_other_run(data_dir, tmp_path):
+    kw = dict(model={"dropout": 0.1}, max_steps=3, eval_interval=0)
+    losses = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        Trainer(tiny_config(data_dir, tmp_path / name, seed=seed, **kw)).fit()
+        losses.append(train_losses(tmp_path / name))
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
 def test_resume_rejects_other_config_and_bad_state(data_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(LlmkitError, match="does not exist"):
