@@ -13,6 +13,7 @@ out_dir after training:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 import zipfile
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from llmkit import distributed, train_state
 from llmkit.errors import LlmkitError
 from llmkit.lora import (LoRAConfig, apply_lora, count_parameters, load_adapter_weights, merge_lora,
                          read_adapter_config, save_adapter)
-from llmkit.sft import SFTData, SFTSampler, describe, eval_batches, load_sft_data
+from llmkit.sft import SFTData, SFTSampler, describe, encode_chats, eval_batches, read_chats
 from llmkit.train import Trainer
 from llmkit.utils import atomic_path
 
@@ -61,13 +63,17 @@ class SFTTrainer(Trainer):
         cfg = self.config
         if not self.data_dir.is_file():
             raise LlmkitError(f"chat data {self.data_dir} is not a file (expected JSONL with \"messages\")")
+        # Check the data before spending time on the model: a bad line fails in a moment.
+        chats = read_chats(self.data_dir)
+        val_chats = read_chats(self.val_path) if self.val_path is not None else None
         self.base_model, self.tokenizer = resolve_model(self.model_source)
         if cfg.block_size > self.base_model.config.block_size:
             raise LlmkitError(f"block_size {cfg.block_size} exceeds the model's context of "
                               f"{self.base_model.config.block_size}")
-        data = load_sft_data(self.data_dir, self.tokenizer, cfg.block_size + 1)
-        if self.val_path is not None:
-            self.train_tokens, self.val_tokens = data, load_sft_data(self.val_path, self.tokenizer, cfg.block_size + 1)
+        data = encode_chats(self.tokenizer, chats, cfg.block_size + 1, source=self.data_dir)
+        if val_chats is not None:
+            self.train_tokens = data
+            self.val_tokens = encode_chats(self.tokenizer, val_chats, cfg.block_size + 1, source=self.val_path)
         else:
             self.train_tokens, self.val_tokens = split_data(data, self.val_fraction, cfg.seed)
         self.tokenizer_file = None  # the tokenizer (with its chat template) is saved whole in save()
@@ -89,6 +95,15 @@ class SFTTrainer(Trainer):
     def _sampler(self, data, seed: int):
         return SFTSampler(data, self.config.block_size, self.config.batch_size, seed, self.pack, self.pad_id,
                           rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Mean cross-entropy over assistant tokens, with the output head run on those positions only:
+        the (tokens x vocab) logits are the largest activation, and most positions have no target."""
+        model = self.model if model is None else model
+        keep = y != -100
+        with _head_on(self.raw_model.lm_head, keep):
+            logits, _ = model(x)
+        return F.cross_entropy(logits.float(), y[keep])
 
     def next_batch(self, sampler):
         x, y = super().next_batch(sampler)
@@ -113,7 +128,7 @@ class SFTTrainer(Trainer):
         total, count = 0.0, 0
         for x, y in eval_batches(self.val_tokens, self.config.batch_size, self.pad_id):
             with self.autocast():
-                _, loss = model(x.to(self.device), targets=y.to(self.device))
+                loss = self.compute_loss(x.to(self.device), y.to(self.device), model=model)
             n = int((y != -100).sum())
             total, count = total + loss.float().item() * n, count + n
         model.train()
@@ -189,3 +204,14 @@ def run_sft(model: str, data, out, val=None, epochs: int = 3, lr: float = 5e-5, 
         config.lr_decay_steps = config.max_steps
     log(f"training {config.max_steps} steps of {config.batch_size} x {config.grad_accum} sequences")
     return trainer.fit()
+
+
+@contextlib.contextmanager
+def _head_on(head: torch.nn.Module, keep: torch.Tensor):
+    """While active, `head` sees only the hidden states at positions where `keep` is True, so a
+    forward pass returns (n_kept, vocab) logits instead of (B, T, vocab)."""
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + args[1:])
+    try:
+        yield
+    finally:
+        handle.remove()

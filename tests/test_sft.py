@@ -182,3 +182,26 @@ def test_resume_with_another_rank_is_refused(tmp_path, base_dir, chats):
                       progress=False)
     with pytest.raises(LlmkitError, match=r"has shape \(4, 48\), the model needs \(8, 48\)"):
         SFTTrainer(cfg, model=str(base_dir), lora=LoRAConfig(rank=8), resume=True, log=lambda *_: None)
+
+
+def test_cli_finetune_sft_lora_and_bad_input(tmp_path, monkeypatch, capsys, base_dir, chats):
+    from trainkit import run_cli
+
+    out = tmp_path / "cli"
+    code, stdout, err = run_cli(monkeypatch, capsys, "finetune", "--task", "sft", "--model", base_dir,
+                                "--data", chats, "--out", out, "--lora", "--lora-rank", "2",
+                                "--lora-targets", "qkv,proj", "--max-steps", "3", "--block-size", "32",
+                                "--batch-size", "4", "--lr", "1e-3", "--pack", "--set", "grad_accum=2",
+                                "--set", "progress=false")
+    assert code == 0, err
+    assert "trainable parameters:" in err and "saved to" in stdout
+    assert (out / ADAPTER_CONFIG).exists() and (out / "model.safetensors").exists()
+    bad = write_jsonl(tmp_path / "roles.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                               {"role": "wizard", "content": "b"}]}])
+    code, _, err = run_cli(monkeypatch, capsys, "finetune", "--task", "sft", "--model", base_dir, "--data", bad,
+                           "--out", tmp_path / "never")
+    assert code == 1 and "roles.jsonl:1: message 1 has unknown role 'wizard'" in err
+    code, _, err = run_cli(monkeypatch, capsys, "finetune", "--task", "sft", "--model", base_dir, "--data", chats,
+                           "--out", tmp_path / "never", "--block-size", "32", "--lora", "--lora-targets", "q_proj")
+    assert code == 1 and "'q_proj' matches no linear layer" in err
+    assert not (tmp_path / "never").exists()
