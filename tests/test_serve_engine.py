@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from llmkit.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.generate import generate
 from llmkit.serve.engine import Engine, QueueFull, SamplingParams
+from llmkit.serve.prefill import Prefiller, copy_pieces
 from serve_support import make_tiny_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,9 +56,6 @@ def test_continuous_batching_matches_one_at_a_time(tiny):
     lengths = [20 + 2 * (i % 3) for i in range(len(PROMPTS))]
     expected = [generate(model, tok, p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths)]
     engine = Engine(model, tok, max_batch=3, context=64)
-    reused = []
-    real_reuse = engine._reuse_prefix
-    engine._reuse_prefix = lambda prompt, own: reused.append(real_reuse(prompt, own)) or reused[-1]
 
     async def go():
         jobs = []
@@ -72,7 +71,33 @@ def test_continuous_batching_matches_one_at_a_time(tiny):
         assert (finish, n_tokens) == ("length", n) or (finish == "stop" and n_tokens < n)
     assert engine.active_count == 0 and engine.queue_depth == 0
     assert engine.steps > 0
-    assert max(reused) >= 6  # the second "Soldiers march home ..." prompt skipped its shared prefix
+    assert engine._prefiller.reused_tokens >= 6  # "Soldiers march home through rain to" ran once
+
+
+def test_prefill_batches_and_reuses_prefixes_exactly(tiny):
+    """Batched, left-padded prefill with a shared prefix (computed once, later copied from the kept
+    prompt) gives each prompt the logits and keys/values it gets when prefilled alone."""
+    model, tok = tiny
+    prefiller = Prefiller(model)
+    batch = [tok.encode(t) for t in ("The king speaks of love", "The king speaks of war and roses",
+                                     "The king speaks of the moon")]
+    shared = 4  # "The king speaks of"
+    assert all(p[:shared] == batch[0][:shared] for p in batch) and batch[0][shared] != batch[1][shared]
+    rounds = [batch, batch, [batch[2] + tok.encode(" under a pale moon")], [tok.encode("Soldiers")]]
+    with torch.inference_mode():
+        for prompts in rounds:
+            logits, pieces = prefiller(prompts)
+            for i, prompt in enumerate(prompts):
+                alone = model.new_cache(1, len(prompt))
+                want = model(torch.tensor([prompt]), cache=alone, last_only=True)[0][0, -1]
+                assert torch.allclose(logits[i], want, atol=1e-4)
+                got = model.new_cache(1, len(prompt))
+                copy_pieces(got, 0, pieces[i], len(prompt))
+                for a, b in zip(got.k + got.v, alone.k + alone.v):
+                    assert torch.allclose(a, b, atol=1e-4)
+    # rounds 1 and 2: the prefix runs once for three rows (round 2 copies even that from the kept
+    # prompt); round 3 continues the kept prompt; round 4 shares nothing
+    assert prefiller.reused_tokens == 2 * shared + (shared + 2 * shared) + len(batch[2])
 
 
 def test_choices_share_a_prefill_and_seeds_reproduce(tiny):
@@ -182,23 +207,23 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
 
 
 def test_cache_grows_on_demand_and_is_released_when_idle(tiny, monkeypatch):
-    import llmkit.serve.engine as engine_module
+    import llmkit.serve.batch_cache as batch_cache
 
-    monkeypatch.setattr(engine_module, "INITIAL_SLOTS", 8)
+    monkeypatch.setattr(batch_cache, "INITIAL_SLOTS", 8)
     model, tok = tiny
     engine = Engine(model, tok, max_batch=2)
     sizes = []
-    real_grow = engine._grow
+    real_grow = engine.kv._grow
 
     def grow(need):
         real_grow(need)
-        sizes.append(engine._cache.max_len)
+        sizes.append(engine.kv.cache.max_len)
 
-    engine._grow = grow
+    engine.kv._grow = grow
 
     async def go():
         return await collect(engine.submit([tok.encode("the king")], SamplingParams(max_tokens=30, ignore_eos=True)))
 
     assert run(engine, go)[0][1:] == (30, "length")
     assert sizes[0] == 8 and sizes[-1] >= 32 and sizes == sorted(sizes)  # doubled as the sequence grew
-    assert engine._cache is None  # nothing running: the grown cache is given back
+    assert engine.kv.cache is None  # nothing running: the grown cache is given back

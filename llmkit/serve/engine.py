@@ -1,24 +1,14 @@
 """The scheduler: continuous batching of concurrent requests over one decoder KV cache.
 
 One thread owns the model. Between two decode steps it drops sequences whose client
-left or whose time ran out, admits waiting ones into free batch rows, then advances
-every active row by one token in a single forward pass.
-
-Cache layout. The batch shares one write position P (the model's KVCache.pos). Row r
-holds its sequence's `length` cached tokens right-aligned in slots P-length..P-1;
-slots before that are masked out by a per-row attention mask, and positions are
-per row, so rows of different ages decode together. A joining prompt is prefilled
-on its own and its keys/values copied into a free row; if it is longer than P, every
-row is shifted right first. Active rows stay packed in rows 0..b-1 (a leaving row is
-replaced by the last one), so a step computes only the b live rows. When P would
-run past the cache, or most slots are dead, all rows shift left together (compaction).
-A prompt that starts like the previous one (the same system turn, or the next turn of a
-conversation) copies that shared prefix's keys/values instead of recomputing them.
+left or whose time ran out, admits waiting ones into free batch rows (prefill.py computes
+their prompts' keys/values, batch_cache.py places them beside the running rows), then
+advances every active row by one token in a single forward pass. Sampling and text
+(stop strings, stop tokens, incremental detokenization) are llmkit.generate's.
 """
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import threading
@@ -31,11 +21,11 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import Completion, sample_next
+from llmkit.serve.batch_cache import BatchCache
+from llmkit.serve.prefill import Prefiller
 
 log = logging.getLogger("llmkit.serve")
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
-INITIAL_SLOTS = 256      # cache length allocated first; it doubles on demand up to the context
-MIN_SHARED_PREFIX = 4    # shorter shared prefixes are recomputed: copying them saves nothing
 
 
 @dataclass(frozen=True)
@@ -122,8 +112,8 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
         self._admitting: list[Sequence] = []
-        self._cache = None  # allocated on first use, grown on demand up to `context` slots
-        self._last_prefill = None  # (prompt ids, its 1-row cache): the prefix others may share
+        self.kv = BatchCache(self.model, max_batch, self.context)
+        self._prefiller = Prefiller(self.model)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
@@ -194,7 +184,8 @@ class Engine:
                 for seq in {id(s): s for s in self._rows + self._admitting}.values():
                     seq.job.emit(Event(seq.index, finish="error", error=f"generation failed: {e}"))
                 self._rows, self._admitting = [], []
-                self._cache = self._last_prefill = None
+                self.kv.cache = None
+                self._prefiller.reset()
 
     def _step(self) -> None:
         self._drop_gone()
@@ -222,72 +213,52 @@ class Engine:
                 self._waiting = deque(s for s in self._waiting if not gone(s))
 
     def _admit(self) -> None:
-        budget = self.prefill_budget
-        while len(self._rows) < self.max_batch:
-            with self._cv:
-                if not self._waiting:
-                    return
+        """Move waiting sequences into free rows, within this step's prompt-token budget."""
+        groups, budget, free = [], self.prefill_budget, self.max_batch - len(self._rows)
+        with self._cv:
+            while self._waiting and free > 0:
                 first = self._waiting[0]
-                if self._rows and len(first.prompt) > budget and budget < self.prefill_budget:
-                    return  # this step's prefill budget is spent; decode first
+                if groups and len(first.prompt) > budget:
+                    break  # this step's prefill budget is spent; decode first
                 group = [self._waiting.popleft()]
                 # the n choices of one prompt share a single prefill
-                while (self._waiting and len(self._rows) + len(group) < self.max_batch
-                       and self._waiting[0].job is first.job and self._waiting[0].prompt is first.prompt):
+                while (self._waiting and len(group) < free and self._waiting[0].job is first.job
+                       and self._waiting[0].prompt is first.prompt):
                     group.append(self._waiting.popleft())
-            budget -= len(first.prompt)
-            self._admitting = group  # neither queued nor in the batch: a failure must still reach them
-            self._prefill(group)
+                groups.append(group)
+                budget -= len(first.prompt)
+                free -= len(group)
+        if groups:
+            # neither queued nor in the batch while prefilling: a failure must still reach them
+            self._admitting = [seq for group in groups for seq in group]
+            self._prefill(groups)
             self._admitting = []
 
-    def _prefill(self, group: list[Sequence]) -> None:
-        prompt = group[0].prompt
-        n = len(prompt)
-        own = self.model.new_cache(1, n)
-        start = self._reuse_prefix(prompt, own)
-        logits, _ = self.model(torch.tensor([prompt[start:]]), cache=own, last_only=True)
-        self._last_prefill = (prompt, own)
-        self._fit(joining=n)
-        cache, pos = self._cache, self._cache.pos
-        for seq in group:
-            seq.row = len(self._rows)
-            self._rows.append(seq)
-            for dst, src in zip(cache.k + cache.v, own.k + own.v):
-                dst[seq.row, :, pos - n:pos] = src[0, :, :n]
-            seq.length = n
-        tokens = self._sample(logits[:, -1].expand(len(group), -1), group)
-        for seq, token in zip(group, tokens):
+    def _prefill(self, groups: list[list[Sequence]]) -> None:
+        logits, pieces = self._prefiller([group[0].prompt for group in groups])
+        self.kv.fit([s.length for s in self._rows], joining=max(len(g[0].prompt) for g in groups))
+        joined, source = [], []
+        for i, group in enumerate(groups):
+            for seq in group:
+                seq.row = len(self._rows)
+                self._rows.append(seq)
+                seq.length = self.kv.place(seq.row, pieces[i])
+                joined.append(seq)
+                source.append(i)
+        tokens = self._sample(logits[source], joined)
+        for seq, token in zip(joined, tokens):
             self._accept(seq, token)
 
-    def _reuse_prefix(self, prompt: list[int], own) -> int:
-        """Copy the keys/values of the prefix this prompt shares with the previous one into `own`
-        (chat prompts start with the same system turn; a conversation's next prompt extends its last)
-        and return its length: that much prefill is skipped. At least one token is always computed."""
-        if self._last_prefill is None:
-            return 0
-        last, cache = self._last_prefill
-        limit = min(len(last), len(prompt) - 1)
-        shared = next((i for i in range(limit) if last[i] != prompt[i]), limit)
-        if shared < MIN_SHARED_PREFIX:
-            return 0
-        for dst, src in zip(own.k + own.v, cache.k + cache.v):
-            dst[:, :, :shared] = src[:, :, :shared]
-        own.pos = shared
-        return shared
-
     def _decode(self) -> None:
-        self._fit()
-        rows, cache = self._rows, self._cache
-        pos = cache.pos
+        rows = self._rows
+        self.kv.fit([s.length for s in rows])
+        pos = self.kv.pos
         lengths = torch.tensor([s.length for s in rows])
         idx = torch.tensor([[s.pending] for s in rows])
-        positions = lengths[:, None]
         mask = torch.arange(pos + 1)[None, :] >= (pos - lengths)[:, None]  # own slots, plus slot `pos` (new)
-        view = copy.copy(cache)  # the live rows only: same storage, so writes land in the full cache
-        view.k, view.v = [t[:len(rows)] for t in cache.k], [t[:len(rows)] for t in cache.v]
-        view.batch_size = len(rows)
-        logits, _ = self.model(idx, cache=view, positions=positions, attn_mask=mask, last_only=True)
-        cache.pos = view.pos
+        view = self.kv.view(len(rows))  # the live rows only
+        logits, _ = self.model(idx, cache=view, positions=lengths[:, None], attn_mask=mask, last_only=True)
+        self.kv.cache.pos = view.pos
         self.steps += 1
         batch = list(rows)
         for seq in batch:
@@ -327,55 +298,9 @@ class Engine:
         """Leave the batch; the last row moves into the hole so live rows stay packed."""
         last = self._rows.pop()
         if last is not seq:
-            pos = self._cache.pos
-            for t in self._cache.k + self._cache.v:
-                t[seq.row, :, pos - last.length:pos] = t[last.row, :, pos - last.length:pos]
+            self.kv.move(last.row, seq.row, last.length)
             last.row = seq.row
             self._rows[seq.row] = last
         seq.row = -1
-        if not self._rows:  # idle: start over at slot 0, and give back a cache a long request grew
-            self._cache.pos = 0
-            if self._cache.max_len > INITIAL_SLOTS:
-                self._cache = None
-
-    # ---- cache geometry ----------------------------------------------------------------
-
-    def _fit(self, joining: int = 0) -> None:
-        """Make P >= `joining` (a prompt about to be copied in, ending at slot P) and leave one free
-        slot after P: shift right for a long newcomer, compact when out of slots or mostly dead slots."""
-        if self._cache is None:
-            self._grow(joining + 1)
-        cache = self._cache
-        live = max([s.length for s in self._rows] + [joining])
-        dead = cache.pos - live
-        if dead < 0:
-            self._grow(live + 1)
-            self._shift(-dead)
-        elif cache.pos + 1 > cache.max_len or (dead > live and dead >= 64):
-            self._shift(-dead)
-        if cache.pos + 1 > cache.max_len:
-            self._grow(cache.pos + 1)
-
-    def _shift(self, d: int) -> None:
-        """Move every live row d slots right (d > 0) or left (d < 0); P moves with them."""
-        cache, b, pos = self._cache, len(self._rows), self._cache.pos
-        if d == 0:
-            return
-        start = max(0, -d)  # slots before `start` would fall off the left edge: all dead by construction
-        for t in cache.k + cache.v:
-            t[:b, :, start + d:pos + d] = t[:b, :, start:pos].clone()
-        cache.pos = pos + d
-
-    def _grow(self, need: int) -> None:
-        old = self._cache
-        size = min(self.context, max(need, INITIAL_SLOTS, 2 * old.max_len if old is not None else 0))
-        if old is not None and size <= old.max_len:
-            return
-        new = self.model.new_cache(self.max_batch, size)
-        for t in new.k + new.v:
-            t.zero_()  # masked slots must hold finite numbers: 0 * NaN would still poison attention
-        if old is not None:
-            for dst, src in zip(new.k + new.v, old.k + old.v):
-                dst[:, :, :old.pos] = src[:, :, :old.pos]
-            new.pos = old.pos
-        self._cache = new
+        if not self._rows:
+            self.kv.idle()
