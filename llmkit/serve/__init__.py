@@ -3,9 +3,10 @@
     from llmkit.serve import build_app, serve
     serve("smollm2-135m-instruct", port=8000)          # blocks; Ctrl-C stops it
 
-Pieces: engine.py (the batching scheduler), app.py (routes), openai_stream.py (requests to
+Pieces: engine.py (the batching scheduler), prefill.py (newcomers' prompts, shared prefixes
+reused), batch_cache.py (rows of one KV cache), app.py (routes), openai_stream.py (requests to
 jobs, events to OpenAI JSON/SSE), gate.py (auth, body limit, request metrics), metrics.py,
-schemas.py (pydantic bodies = the OpenAPI schema), static/ (the chat page).
+schemas.py (pydantic bodies = the OpenAPI schema), embeddings.py, static/ (the chat page).
 """
 from __future__ import annotations
 
