@@ -6,8 +6,10 @@ installed, `peft` LoRA and plain full fine-tuning on `transformers`' LlamaForCau
 same weights (exported with `llmkit convert --to hf`). Same optimizer (AdamW), same gradient
 clipping, same LoRA settings (rank 8, alpha 16, every linear layer of the blocks).
 
-Peak memory is the process's resident-set high-water mark during the measured steps (reset
-through /proc/self/clear_refs after loading), so it counts weights, activations, gradients and
+Each engine lives in its own process; the parent steps them in turn (one warm-up step each,
+then --steps timed rounds), so a machine whose load changes treats them alike. Peak memory is
+each process's resident-set high-water mark over the timed steps (reset through
+/proc/self/clear_refs after the warm-up), so it counts weights, activations, gradients and
 optimizer state but not the one-off cost of loading the checkpoint.
 
     python benchmarks/finetune_speed.py [--steps 3] [--batch-size 1] [--threads N]
@@ -60,21 +62,26 @@ def batches(tokenizer, chats_file: Path, batch_size: int, n: int):
     return [sampler.next_batch() for _ in range(n)]
 
 
-def time_steps(step, data) -> tuple[float, float]:
-    """Run one warm-up step, then the rest timed; returns (tokens/s, peak MiB) over the timed steps."""
+def serve_steps(step, data) -> None:
+    """Child loop: one training step per "step" line on stdin, answered with its seconds on stdout.
+    The parent alternates between engines step by step, so they share the machine's load alike.
+    The first step is a warm-up; the memory high-water mark is reset after it."""
     import gc
 
-    step(*data[0])
-    gc.collect()
-    peak_reset()
-    start = time.perf_counter()
-    for x, y in data[1:]:
+    for i, line in enumerate(sys.stdin):
+        if line.strip() != "step":
+            break
+        x, y = data[i % len(data)]
+        start = time.perf_counter()
         step(x, y)
-    elapsed = time.perf_counter() - start
-    return sum(x.numel() for x, _ in data[1:]) / elapsed, peak_mib()
+        print(json.dumps({"seconds": time.perf_counter() - start, "tokens": x.numel(), "peak_mib": peak_mib()}),
+              flush=True)
+        if i == 0:
+            gc.collect()
+            peak_reset()
 
 
-def child_llmkit(hf_dir: Path, chats: Path, lora: bool, batch_size: int, steps: int) -> dict:
+def child_llmkit(hf_dir: Path, chats: Path, lora: bool, batch_size: int, steps: int) -> None:
     from llmkit.lora import LoRAConfig
     from llmkit.sft_train import SFTTrainer
     from llmkit.train_config import TrainConfig
@@ -86,9 +93,9 @@ def child_llmkit(hf_dir: Path, chats: Path, lora: bool, batch_size: int, steps: 
     data = batches(trainer.tokenizer, chats, batch_size, steps + 1)
     trainer.train_sampler = iter_sampler(data)  # the very batches the other engines get
     trainer.raw_model.train()
-    tps, peak = time_steps(lambda x, y: trainer.train_step(), data)
     trainable, total = trainer.trainable
-    return {"tokens_per_s": tps, "peak_mib": peak, "trainable": trainable, "total": total}
+    print(json.dumps({"trainable": trainable, "total": total}), flush=True)
+    serve_steps(lambda x, y: trainer.train_step(), data)
 
 
 class iter_sampler:
@@ -103,7 +110,7 @@ class iter_sampler:
         return x, y
 
 
-def child_hf(hf_dir: Path, chats: Path, lora: bool, batch_size: int, steps: int) -> dict:
+def child_hf(hf_dir: Path, chats: Path, lora: bool, batch_size: int, steps: int) -> None:
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
@@ -129,15 +136,41 @@ def child_hf(hf_dir: Path, chats: Path, lora: bool, batch_size: int, steps: int)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    tps, peak = time_steps(step, data)
     total = sum(p.numel() for p in model.parameters())
-    return {"tokens_per_s": tps, "peak_mib": peak, "trainable": sum(p.numel() for p in params), "total": total}
+    print(json.dumps({"trainable": sum(p.numel() for p in params), "total": total}), flush=True)
+    serve_steps(step, data)
 
 
 ENGINES = {
     "llmkit LoRA": ("llmkit", True), "llmkit full": ("llmkit", False),
     "peft+transformers LoRA": ("hf", True), "transformers full": ("hf", False),
 }
+
+
+def measure_interleaved(names: list[str], work: Path, args) -> list[tuple[str, dict]]:
+    """Start one child per engine, then step them in turn: warm-up, then args.steps timed rounds."""
+    children = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name, "--dir", str(work), "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        children[name] = (proc, json.loads(proc.stdout.readline()))
+    timings = {name: [] for name in names}
+    for _ in range(args.steps + 1):
+        for name, (proc, _) in children.items():
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+            timings[name].append(json.loads(proc.stdout.readline()))
+    rows = []
+    for name, (proc, info) in children.items():
+        proc.stdin.close()
+        proc.wait()
+        timed = timings[name][1:]
+        rows.append((name, {**info, "tokens_per_s": sum(t["tokens"] for t in timed) / sum(t["seconds"] for t in timed),
+                            "peak_mib": timed[-1]["peak_mib"]}))
+        print(f"done: {name}", file=sys.stderr)
+    return rows
 
 
 def main() -> int:
@@ -157,7 +190,7 @@ def main() -> int:
         engine, lora = ENGINES[args.child]
         run = child_llmkit if engine == "llmkit" else child_hf
         work = Path(args.dir)
-        print(json.dumps(run(work / "hf", work / "chats.jsonl", lora, args.batch_size, args.steps)))
+        run(work / "hf", work / "chats.jsonl", lora, args.batch_size, args.steps)
         return 0
 
     from llmkit.models import convert
@@ -175,15 +208,8 @@ def main() -> int:
         convert(args.model, work / "hf", to="hf")
         (work / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in synthetic_chats()))
         rows = []
-        for name in names:
-            cmd = [sys.executable, __file__, "--child", name, "--dir", str(work), "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if done.returncode != 0:
-                print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append((name, json.loads(done.stdout.strip().splitlines()[-1])))
-            print(f"done: {name}", file=sys.stderr)
+        # all engines alive at once (about 12 GB together), stepped in turn
+        rows = measure_interleaved(names, work, args)
     import torch
 
     print(f"\nSmolLM2-135M SFT, sequence length {SEQ}, batch {args.batch_size}, {args.steps} timed steps, "

@@ -82,8 +82,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return out + update * self.scaling
+        # Scale the rank-sized intermediate (rank multiplies per token, not out_features) and add in
+        # place: linear's output is not saved for its backward, so no extra (tokens x out) buffer.
+        low = F.linear(self.dropout(x), self.lora_A) * self.scaling
+        return out.add_(F.linear(low, self.lora_B))
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding W + (alpha/rank) B A, sharing no storage with this layer."""
