@@ -86,6 +86,11 @@ def encoder_preset(name: str, **overrides) -> EncoderConfig:
     return EncoderConfig(**{**ENCODER_PRESETS[name], **overrides})
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, but no op at all at inference (embedding throughput counts every dispatch)."""
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
@@ -125,8 +130,8 @@ class Block(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + F.dropout(self.attn(x, mask), self.dropout, self.training))
-        return self.mlp_norm(x + F.dropout(self.mlp(x), self.dropout, self.training))
+        x = self.attn_norm(x + dropout(self.attn(x, mask), self.dropout, self.training))
+        return self.mlp_norm(x + dropout(self.mlp(x), self.dropout, self.training))
 
 
 class MLMHead(nn.Module):
@@ -187,7 +192,7 @@ class Encoder(nn.Module):
             x = x + self.type_embed.weight[0]
         else:
             x = x + self.type_embed(token_type_ids)
-        x = F.dropout(self.embed_norm(x), self.config.dropout, self.training)
+        x = dropout(self.embed_norm(x), self.config.dropout, self.training)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             # (B, 1, 1, T) bool: every query may look at every real key; no padding masks keep the fast path
@@ -233,10 +238,10 @@ class Encoder(nn.Module):
                 return logits, hidden.sum() * 0.0
             return logits, F.cross_entropy(logits.float(), labels[keep])
         if self.task == "classify":
-            pooled = F.dropout(self.pool(hidden, attention_mask), self.config.dropout, self.training)
+            pooled = dropout(self.pool(hidden, attention_mask), self.config.dropout, self.training)
             logits = self.head(pooled)
             return logits, None if labels is None else F.cross_entropy(logits.float(), labels)
-        logits = self.head(F.dropout(hidden, self.config.dropout, self.training))
+        logits = self.head(dropout(hidden, self.config.dropout, self.training))
         if labels is None:
             return logits, None
         return logits, F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
