@@ -6,9 +6,10 @@ optimizer, grad scaler, data-sampler position, every RNG state, step counter.
 
 All files are first written completely into a staging directory inside
 out_dir and only then moved into place, state file last. A failure while
-writing leaves the previous checkpoint untouched; both config.json and the
-state record the step, so a crash between the renames is detected on resume
-instead of silently pairing new weights with an old optimizer.
+writing leaves the previous checkpoint untouched. config.json and the state
+both record the step and are moved first and last, so a crash between the
+renames is detected on resume instead of silently pairing new weights with
+an old optimizer.
 """
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def save(out_dir, model, state: dict, tokenizer_file=None) -> None:
                 shutil.copyfile(tokenizer_file, tmp)
         with atomic_path(stage / STATE_FILE) as tmp:
             torch.save(state, tmp)
-        # Everything is complete on disk: now swap it in, the state file last.
-        for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE):
+        # Everything is complete on disk: now swap it in. config.json (which records the step) goes
+        # first and the state last, so any partial swap leaves their steps different.
+        for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE):
             if (stage / name).exists():
                 os.replace(stage / name, out_dir / name)
     finally:

@@ -215,6 +215,30 @@ def test_failed_save_leaves_previous_checkpoint_intact(data_dir, tmp_path, monke
     assert resumed.step == 3
 
 
+@pytest.mark.parametrize("moved", [1, 2, 3])
+def test_crash_between_renames_is_detected_on_resume(data_dir, tmp_path, monkeypatch, moved):
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(data_dir, out, max_steps=2, eval_interval=0))
+    trainer.fit()
+    trainer.train_step()
+    real_replace, calls = train_state.os.replace, []
+
+    def dies_midway(src, dst):
+        if Path(dst).parent == out:  # a move from the staging dir into place
+            if len(calls) == moved:  # some files are new, the state is not
+                raise KeyboardInterrupt
+            calls.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_state.os, "replace", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert calls == ["config.json", "model.safetensors", "tokenizer.json"][:moved]
+    with pytest.raises(LlmkitError, match="from step 3 but train_state.pt is from step 2"):
+        Trainer(tiny_config(data_dir, out, max_steps=4, eval_interval=0), resume=True)
+
+
 # ---- configuration files and the `llmkit train` command -----------------------------------------
 def test_yaml_config_with_typed_overrides(tmp_path):
     path = tmp_path / "run.yaml"
