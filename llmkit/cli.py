@@ -11,6 +11,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="llmkit: from raw text to a served chat model.")
 
 
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", "--out", help="where the corpus, data and model go"),
+    max_steps: int = typer.Option(None, "--max-steps", help="training steps (default: about two minutes)"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="end by asking the embedded chat model a question"),
+):
+    """The main job on embedded defaults: tokenizer, data, training, samples, then a pretrained chat."""
+    from llmkit import demo as demo_module
+
+    demo_module.run(out, max_steps=max_steps, chat=chat)
+
+
 @app.command(context_settings={"allow_interspersed_args": True})
 def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
