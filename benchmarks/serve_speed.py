@@ -104,21 +104,25 @@ def main() -> None:
     args = ap.parse_args()
 
     served = Path(args.model).stem if Path(args.model).is_file() else Path(args.model).name
-    rows = []
-    for mode, max_batch in (("batched", args.max_batch), ("one-at-a-time", 1)):
-        if mode not in args.modes:
-            continue
-        proc = start_server(args.model, args.port, max_batch, args.threads)
-        url = f"http://127.0.0.1:{args.port}"
-        try:
-            one_request(url, served, "warm up", 4)
-            for clients in args.clients:
+    # Both servers run side by side (an idle one costs no CPU) and each concurrency level is measured
+    # on one right after the other, so a busy machine drifts less between the two numbers compared.
+    servers = {}
+    try:
+        for i, (mode, max_batch) in enumerate((("batched", args.max_batch), ("one-at-a-time", 1))):
+            if mode in args.modes:
+                servers[mode] = (start_server(args.model, args.port + i, max_batch, args.threads),
+                                 f"http://127.0.0.1:{args.port + i}")
+                one_request(servers[mode][1], served, "warm up", 4)
+        rows = []
+        for clients in args.clients:
+            for mode, (_, url) in servers.items():
                 row = {"mode": mode, **run_level(url, served, clients, args.tokens)}
                 rows.append(row)
                 print(f"{mode:>14} {clients:>3} clients: {row['tokens_per_s']:7.1f} tok/s  TTFT p50 "
                       f"{row['ttft_p50']:6.2f} s  p95 {row['ttft_p95']:6.2f} s  ({row['seconds']:.1f} s)",
                       flush=True)
-        finally:
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
 
