@@ -1,0 +1,242 @@
+"""Inference speed: SmolLM2-135M-Instruct, batch 1, llmkit vs transformers on the same weights.
+
+    .venv/bin/python benchmarks/infer_speed.py [--prompt-tokens 512] [--new-tokens 128] [--dtypes fp32,bf16]
+                                               [--engines matmul-floor,llmkit,llmkit-compiled,transformers]
+                                               [--repeats 2] [--threads N]
+
+The embedded GGUF is dequantized once and written as a Hugging Face directory, so both engines load
+exactly the same float weights. Every (engine, dtype) row runs in its own child process, so the
+peak resident memory (ru_maxrss) it reports is that engine's alone. Per row:
+  prefill  tokens/s of one forward over the ~512-token chat prompt (fresh KV cache, best of --repeats)
+  decode   tokens/s of 128 greedy tokens after that prefill (one token per step with the KV cache,
+           argmax on the host each step, as a chat loop does; best of --repeats). "CPU-time tok/s"
+           divides by this process's CPU seconds instead of wall seconds: with --threads 1 it is
+           what an idle core would give, even while other jobs share the machine.
+Engines:
+  matmul-floor     not a model: one batch-1 matmul per weight matrix, i.e. all weights streamed from
+                   memory once; the decode speed no implementation of these fp32/bf16 weights beats
+  llmkit           llmkit.model GPT, eager, KV cache from model.new_cache()
+  llmkit-compiled  the same model through llmkit.fast.CompiledDecoder (static KV cache, compiled block;
+                   "warm-up s" includes compiling it)
+  transformers     LlamaForCausalLM with its DynamicCache (the path model.generate() takes)
+Reference numbers for this machine class (2 cores): transformers 5.23 decodes ~17.9 tok/s (fp32) and
+~25 (bf16), prefills ~614 / ~1,135 tok/s; llama.cpp (Q4_1) decodes ~139 tok/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
+
+
+def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
+    """A chat prompt of about n_tokens: a passage to summarise, through the model's template."""
+    source = SHAKESPEARE.read_text(encoding="utf-8") if SHAKESPEARE.exists() else \
+        "The quick brown fox jumps over the lazy dog while the cat watches from the window. " * 200
+    words, text = source.split(), ""
+    for i in range(0, len(words), 5):
+        text = " ".join(words[:i + 5])
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": f"Summarise:\n{text}"}])
+        ids = tokenizer.encode(rendered)
+        if len(ids) >= n_tokens:
+            return ids
+    return ids
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one call of fn."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_llmkit(model_dir, dtype, ids, new_tokens, repeats, compiled):
+    from llmkit.interop.hf import load_hf
+
+    model, _ = load_hf(model_dir)
+    model = model.to(dtype).eval()
+    step = None
+    if compiled:
+        from llmkit.fast import CompiledDecoder
+        step = CompiledDecoder(model, max_len=len(ids) + new_tokens)
+    x = torch.tensor([ids])
+    P = len(ids)
+
+    def prefill():
+        if step is not None:
+            return step.prefill(x), None
+        cache = model.new_cache(1, P + new_tokens)
+        return model(x, cache=cache, last_only=True)[0][:, -1], cache
+
+    def decode(logits, cache):
+        out = []
+        tok = logits.argmax(-1, keepdim=True)
+        for _ in range(new_tokens):
+            out.append(int(tok))
+            if step is not None:
+                logits = step.decode(tok)
+            else:
+                logits = model(tok, cache=cache, last_only=True)[0][:, -1]
+            tok = logits.argmax(-1, keepdim=True)
+        return out
+
+    with torch.inference_mode():
+        return measure(prefill, decode, repeats)
+
+
+def run_floor(model_dir, dtype, repeats):
+    """Time of the per-token matmuls alone: every weight matrix times one activation vector, i.e.
+    streaming all weights from memory once, with no norms, attention or framework in between."""
+    import torch.nn.functional as F
+
+    from llmkit.interop.hf import load_hf
+
+    model, _ = load_hf(model_dir)
+    weights = [m.weight.to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
+    with torch.inference_mode():
+        times = [timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]) for _ in range(repeats + 2)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
+def run_transformers(model_dir, dtype, ids, new_tokens, repeats):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    x = torch.tensor([ids])
+
+    def prefill():
+        cache = transformers.DynamicCache(config=model.config)
+        out = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+
+    def decode(logits, cache):
+        out = []
+        tok = logits.argmax(-1, keepdim=True)
+        for _ in range(new_tokens):
+            out.append(int(tok))
+            res = model(tok, past_key_values=cache, use_cache=True)
+            cache, tok = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+        return out
+
+    with torch.inference_mode():
+        return measure(prefill, decode, repeats)
+
+
+def measure(prefill, decode, repeats):
+    """Best (wall, CPU) seconds of prefill and of decode over `repeats` runs after a warm-up."""
+    warmup = timed(lambda: decode(*prefill()))[0]  # includes compilation, for the compiled engine
+    best = {"prefill": (float("inf"),) * 2, "decode": (float("inf"),) * 2}
+    tokens = None
+    for _ in range(repeats):
+        state = None
+
+        def run_prefill():
+            nonlocal state
+            state = prefill()
+
+        def run_decode():
+            nonlocal tokens
+            tokens = decode(*state)
+        for name, fn in (("prefill", run_prefill), ("decode", run_decode)):
+            best[name] = tuple(map(min, best[name], timed(fn)))
+    return best["prefill"], best["decode"], tokens, warmup
+
+
+def child(args) -> None:
+    """One (engine, dtype) row; prints one JSON line."""
+    from llmkit.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    ids = prompt_ids(Tokenizer.load(Path(args.model_dir) / "tokenizer.json"), args.prompt_tokens)
+    nan = (float("nan"),) * 2
+    if args.engine == "matmul-floor":
+        step = run_floor(args.model_dir, dtype, args.repeats)
+        prefill, decode, tokens, warmup, n_new = nan, step, None, 0.0, 1
+    elif args.engine == "transformers":
+        prefill, decode, tokens, warmup = run_transformers(args.model_dir, dtype, ids, args.new_tokens, args.repeats)
+        n_new = args.new_tokens
+    else:
+        prefill, decode, tokens, warmup = run_llmkit(args.model_dir, dtype, ids, args.new_tokens, args.repeats,
+                                                     compiled=args.engine == "llmkit-compiled")
+        n_new = args.new_tokens
+    print(json.dumps({"engine": args.engine, "dtype": args.dtype, "prompt": len(ids),
+                      "prefill_tok_s": len(ids) / prefill[0], "decode_tok_s": n_new / decode[0],
+                      "decode_cpu_tok_s": n_new / decode[1],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "warmup_s": warmup, "tokens": tokens}))
+
+
+def print_row(r: dict, reference: dict | None) -> None:
+    ratio = f"{r['decode_tok_s'] / reference['decode_tok_s']:.2f}x" if reference else "-"
+    same = "" if not reference or r["tokens"] in (None, reference["tokens"]) else "  (greedy tokens differ)"
+    prompt = r["prompt"] if r["tokens"] is not None else "-"
+    print(f"{r['engine']:<16} {r['dtype']:<5} {prompt:>6} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
+          f"{r['decode_cpu_tok_s']:>15.1f} {ratio:>16} {r['peak_rss_mb']:>12.0f} {r['warmup_s']:>10.1f}{same}",
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--engines", default="matmul-floor,llmkit,llmkit-compiled,transformers")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads per engine; 1 makes CPU-time tok/s robust to a busy machine")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    from llmkit.interop.hf import save_hf
+    from llmkit.models import resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = resolve_model("smollm2-135m-instruct")
+        save_hf(model, tokenizer, tmp)   # the dequantized weights, shared by every row
+        del model
+        print(f"torch {torch.__version__}, {args.threads} threads; SmolLM2-135M-Instruct (Q4_1 GGUF "
+              f"dequantized), batch 1, {args.new_tokens} greedy tokens", flush=True)
+        header = f"{'engine':<16} {'dtype':<5} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} " \
+                 f"{'CPU-time tok/s':>15} {'vs transformers':>16} {'peak RSS MB':>12} {'warm-up s':>10}"
+        print(header + "\n" + "-" * len(header), flush=True)
+        # transformers first, so every other row can be compared with it as soon as it is done
+        engines = sorted(args.engines.split(","), key=lambda e: e != "transformers")
+        for dtype in args.dtypes.split(","):
+            reference = None
+            for engine in engines:
+                cmd = [sys.executable, __file__, "--child", "--engine", engine, "--dtype", dtype, "--model-dir", tmp,
+                       "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{engine:<16} {dtype:<5} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                reference = row if engine == "transformers" else reference
+                print_row(row, reference)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""llmkit.fast.CompiledDecoder gives the model's own logits, eager and compiled."""
+import pytest
+import torch
+
+from llmkit.config import preset
+from llmkit.errors import LlmkitError
+from llmkit.fast import CompiledDecoder
+from llmkit.model.decoder import GPT
+
+
+@pytest.mark.parametrize("name, compiled", [
+    ("gpt2-124m", False), ("llama-tiny", False),
+    pytest.param("llama-tiny", True, marks=pytest.mark.slow),   # inductor compiles one block: ~10 s
+])
+def test_matches_the_model_step_by_step(name, compiled):
+    torch.manual_seed(0)
+    model = GPT(preset(name, n_layer=2, n_head=4, n_kv_head=2 if name == "llama-tiny" else 4, n_embd=64,
+                       vocab_size=97, block_size=64)).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    decoder = CompiledDecoder(model, max_len=20, batch_size=2, compile=compiled)
+    with torch.inference_mode():
+        assert torch.allclose(decoder.prefill(ids[:, :8]), model(ids[:, :8])[0][:, -1], atol=1e-5)
+        for t in range(8, 12):   # each step sees exactly the tokens before it
+            expected = model(ids[:, :t + 1])[0][:, -1]
+            assert torch.allclose(decoder.decode(ids[:, t:t + 1]), expected, atol=1e-5)
+        # starting over reuses the cache: stale slots beyond the new prompt stay masked
+        assert torch.allclose(decoder.prefill(ids[:, :3]), model(ids[:, :3])[0][:, -1], atol=1e-5)
+        assert torch.allclose(decoder.decode(ids[:, 3:4]), model(ids[:, :4])[0][:, -1], atol=1e-5)
+
+
+def test_cache_limits():
+    model = GPT(preset("llama-tiny", n_layer=1, vocab_size=50)).eval()
+    decoder = CompiledDecoder(model, max_len=4, compile=False)
+    with pytest.raises(LlmkitError, match="no room"):
+        decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
+    decoder.prefill(torch.zeros(1, 3, dtype=torch.long))
+    decoder.decode(torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(LlmkitError, match="full"):
+        decoder.decode(torch.zeros(1, 1, dtype=torch.long))
