@@ -37,3 +37,16 @@ def test_cache_limits():
     decoder.decode(torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(LlmkitError, match="full"):
         decoder.decode(torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_bf16_model_keeps_an_fp32_cache():
+    torch.manual_seed(0)
+    model = GPT(preset("llama-tiny", n_layer=2, vocab_size=97)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 9))
+    decoder = CompiledDecoder(model, max_len=16, compile=False)
+    assert decoder.k.dtype == torch.float32
+    with torch.inference_mode():
+        decoder.prefill(ids[:, :8])
+        got, expected = decoder.decode(ids[:, 8:]), model(ids)[0][:, -1]
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.05)
