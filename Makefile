@@ -25,7 +25,8 @@ test: $(STAMP)
 	@# The serving tests drive the chat page in Debian's Chromium; never a browser downloaded by Playwright.
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
-	$(PY) -m pytest -n 2 --timeout 900 -q
+	@# Two workers on two cores: one OpenMP thread each, or oversubscribed threads make small ops ~100x slower.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --timeout 900 -q
 
 clean:
 	rm -rf $(VENV) runs
