@@ -11,7 +11,8 @@ peak resident memory (ru_maxrss) it reports is that engine's alone. Per row:
   decode   tokens/s of 128 greedy tokens after that prefill (one token per step with the KV cache,
            argmax on the host each step, as a chat loop does; best of --repeats). "CPU-time tok/s"
            divides by this process's CPU seconds instead of wall seconds: with --threads 1 it is
-           what an idle core would give, even while other jobs share the machine.
+           what an idle core would give, even while other jobs share the machine; the "vs
+           transformers" ratio then uses it (with more threads it uses wall time).
 Engines:
   matmul-floor     not a model: one batch-1 matmul per weight matrix, i.e. all weights streamed from
                    memory once; the decode speed no implementation of these fp32/bf16 weights beats
@@ -183,8 +184,8 @@ def child(args) -> None:
                       "warmup_s": warmup, "tokens": tokens}))
 
 
-def print_row(r: dict, reference: dict | None) -> None:
-    ratio = f"{r['decode_tok_s'] / reference['decode_tok_s']:.2f}x" if reference else "-"
+def print_row(r: dict, reference: dict | None, key: str) -> None:
+    ratio = f"{r[key] / reference[key]:.2f}x" if reference else "-"
     same = "" if not reference or r["tokens"] in (None, reference["tokens"]) else "  (greedy tokens differ)"
     prompt = r["prompt"] if r["tokens"] is not None else "-"
     print(f"{r['engine']:<16} {r['dtype']:<5} {prompt:>6} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
@@ -220,6 +221,8 @@ def main() -> None:
               f"dequantized), batch 1, {args.new_tokens} greedy tokens", flush=True)
         header = f"{'engine':<16} {'dtype':<5} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} " \
                  f"{'CPU-time tok/s':>15} {'vs transformers':>16} {'peak RSS MB':>12} {'warm-up s':>10}"
+        # one thread: compare CPU time, which a busy machine hardly changes; more: wall time (quiet machine)
+        key = "decode_cpu_tok_s" if args.threads == 1 else "decode_tok_s"
         print(header + "\n" + "-" * len(header), flush=True)
         # transformers first, so every other row can be compared with it as soon as it is done
         engines = sorted(args.engines.split(","), key=lambda e: e != "transformers")
@@ -235,7 +238,7 @@ def main() -> None:
                     continue
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 reference = row if engine == "transformers" else reference
-                print_row(row, reference)
+                print_row(row, reference, key)
 
 
 if __name__ == "__main__":

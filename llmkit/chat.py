@@ -75,6 +75,11 @@ class ChatSession:
 
 def chat_loop(session: ChatSession, input_fn=input, out=sys.stdout) -> None:
     """Read messages until /exit or end of input; stream each reply as it is generated."""
+    if input_fn is input:
+        try:
+            import readline  # noqa: F401  (line editing and history for input(), where available)
+        except ImportError:
+            pass
     print(HELP, file=out)
     while True:
         try:
