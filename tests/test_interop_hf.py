@@ -176,3 +176,17 @@ def test_cli_convert_reports_bad_input_in_one_line(hf_dir, tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.safetensors" in lines[0]
+
+
+def test_resolve_model_errors(tmp_path, hf_dir):
+    with pytest.raises(LlmkitError, match="no such model 'no-such-model': not a path, and not a known name"):
+        resolve_model("no-such-model")
+    with pytest.raises(LlmkitError, match="is not a model directory"):
+        resolve_model(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"\x00" * 8)
+    with pytest.raises(LlmkitError, match="weights.bin is not a GGUF file"):
+        resolve_model(tmp_path / "weights.bin")
+    with pytest.raises(LlmkitError, match="unknown target format 'onnx'"):
+        convert(hf_dir, tmp_path / "out", to="onnx")
+    with pytest.raises(LlmkitError, match="the destination is the source"):
+        convert(hf_dir, hf_dir, to="hf")
