@@ -98,6 +98,34 @@ class Baseline:
         return val_loss(self.model, self.val, self.row)
 
 
+def pick_threads(row: dict, vocab_size: int) -> tuple[int, dict]:
+    """torch.set_num_threads to the fastest of 1..cpu_count for this row's eager step.
+
+    On a shared machine oversubscribed OpenMP threads can make each op many times slower, so
+    the thread count is measured rather than assumed; both loops then run with it.
+    """
+    torch.manual_seed(0)
+    model = GPT(model_config(row, vocab_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab_size, (row["batch_size"], row["block_size"]))
+    steps = 10 if row["block_size"] * row["model"]["n_embd"] < 20000 else 1
+    timings = {}
+    for threads in range(1, (os.cpu_count() or 1) + 1):
+        torch.set_num_threads(threads)
+        samples = []
+        for rep in range(4):  # the first repetition warms up and is dropped
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(x, targets=x)[1].backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            samples.append((time.perf_counter() - start) / steps)
+        timings[threads] = 1000 * sorted(samples[1:])[1]
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best, timings
+
+
 def make_trainer(row: dict, data_dir: Path, out_dir: Path, dtype: str, compile_model: bool,
                  threads: int | None) -> Trainer:
     config = TrainConfig(data_dir=str(data_dir), out_dir=str(out_dir), preset="char-tiny",
@@ -156,7 +184,8 @@ def main() -> None:
                         help="baseline iterations (default: the row's; fewer gives timing only)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: the fastest count, measured per row)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if not Path(args.data).is_file():
@@ -185,10 +214,14 @@ def main() -> None:
                 row["iters"] = args.iters
             print(f"\n[{name}] {row['model']} block {row['block_size']} batch {row['batch_size']}, "
                   f"{row['iters']} iters, vocab {vocab}", flush=True)
+            if args.threads is None:
+                threads, probe = pick_threads(row, vocab)
+                print("  threads probe (ms/step, eager): " + ", ".join(f"{t}: {ms:.0f}" for t, ms in probe.items())
+                      + f" -> {threads} threads", flush=True)
             res = run_row(row, tmp / "data", tmp / f"run-{name}", vocab, dtype, not args.no_compile, args.threads,
                           0 if args.no_baseline else (args.baseline_iters or row["iters"]))
             print(f"  first llmkit step (torch.compile) {res['llmkit']['compile_s']:.1f} s", flush=True)
-            results[name] = {**res, "row": row}
+            results[name] = {**res, "row": row, "threads": torch.get_num_threads()}
             print_table(name, row, res, peak32, peak, dtype)
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
     if args.json:
