@@ -121,9 +121,6 @@ class GGUFFile:
             self.tensors[name] = info
 
     # -- tensors --------------------------------------------------------------------------
-    def type_name(self, name: str) -> str:
-        return GGMLQuantizationType(self.tensors[name].qtype).name
-
     def tensor(self, name: str) -> torch.Tensor:
         """Dequantize one tensor to float32, in torch dimension order."""
         info = self.tensors[name]
@@ -213,20 +210,17 @@ def gguf_state_dict(g: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]
         state["lm_head.weight"] = take("output.weight")
     for i in range(config.n_layer):
         p = f"blk.{i}."
-        rope_rows = {"attn_q": config.n_head, "attn_k": config.n_kv_head}
-        parts = {}
-        for part in ("attn_q", "attn_k", "attn_v"):
-            for kind in ("weight", "bias"):
-                t = take(p + f"{part}.{kind}") if kind == "weight" else maybe(p + f"{part}.{kind}")
-                if t is not None and part in rope_rows:
-                    t = unpermute_rope(t, rope_rows[part])
-                parts[f"{part}.{kind}"] = t
+
+        def qkv(kind, fetch):
+            q, k, v = (fetch(p + f"attn_{x}.{kind}") for x in "qkv")
+            if q is not None:
+                q, k = unpermute_rope(q, config.n_head), unpermute_rope(k, config.n_kv_head)
+            return q, k, v
+        (q, k, v), (q_bias, k_bias, v_bias) = qkv("weight", take), qkv("bias", maybe)
         state.update(fuse_llama_layer(
-            i, norm1=take(p + "attn_norm.weight"), norm2=take(p + "ffn_norm.weight"),
-            q=parts["attn_q.weight"], k=parts["attn_k.weight"], v=parts["attn_v.weight"],
-            q_bias=parts["attn_q.bias"], k_bias=parts["attn_k.bias"], v_bias=parts["attn_v.bias"],
-            o=take(p + "attn_output.weight"), gate=take(p + "ffn_gate.weight"),
-            up=take(p + "ffn_up.weight"), down=take(p + "ffn_down.weight")))
+            i, norm1=take(p + "attn_norm.weight"), norm2=take(p + "ffn_norm.weight"), q=q, k=k, v=v,
+            q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, o=take(p + "attn_output.weight"),
+            gate=take(p + "ffn_gate.weight"), up=take(p + "ffn_up.weight"), down=take(p + "ffn_down.weight")))
     extra = sorted(set(g.tensors) - used)
     if extra:
         raise LlmkitError(f"{g.path}: unexpected tensors for a {config.n_layer}-layer llama: {extra[:3]}")
