@@ -21,6 +21,10 @@ from llmkit.utils import atomic_open, atomic_path
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# llmkit name -> GPT-2 name, per block
+_GPT2_NORMS = (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"))
+_GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
+                 ("mlp.proj", "mlp.c_proj"))
 
 
 def _read_json(path: Path, required=True) -> dict:
@@ -136,10 +140,9 @@ def _gpt2_state(source: _Source, config: ModelConfig) -> dict[str, torch.Tensor]
              "final_norm.weight": get("ln_f.weight"), "final_norm.bias": get("ln_f.bias")}
     for i in range(config.n_layer):
         h, b = f"h.{i}.", f"blocks.{i}."
-        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        for ours, theirs in _GPT2_NORMS:
             state[b + ours + ".weight"], state[b + ours + ".bias"] = get(h + theirs + ".weight"), get(h + theirs + ".bias")
-        for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                             ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+        for ours, theirs in _GPT2_LINEARS:
             state[b + ours + ".weight"] = get(h + theirs + ".weight").t()
             state[b + ours + ".bias"] = get(h + theirs + ".bias")
     return state
@@ -250,11 +253,10 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
         out["transformer.ln_f.bias"] = bias("final_norm.bias", config.n_embd)
         for i in range(config.n_layer):
             h, b = f"transformer.h.{i}.", f"blocks.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            for ours, theirs in _GPT2_NORMS:
                 out[h + theirs + ".weight"] = state[b + ours + ".weight"]
                 out[h + theirs + ".bias"] = bias(b + ours + ".bias", config.n_embd)
-            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                                 ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            for ours, theirs in _GPT2_LINEARS:
                 weight = state[b + ours + ".weight"]
                 out[h + theirs + ".weight"] = weight.t().contiguous()
                 out[h + theirs + ".bias"] = bias(b + ours + ".bias", weight.shape[0])
