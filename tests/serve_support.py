@@ -7,6 +7,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -71,14 +72,18 @@ def server_process(*args: str, startup_timeout: float = 120.0, env: dict | None 
     """`llmkit serve ARGS` in a subprocess on a free loopback port; yield its base URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "llmkit.cli", "serve", "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # the server's log goes to a file, not a pipe: nobody drains a pipe while the test runs, and a
+    # full pipe (64 KiB of access-log lines under load) would block the server mid-write
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llmkit serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+                log.seek(0)
+                raise RuntimeError(f"llmkit serve exited with {proc.returncode}:\n{log.read()}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
@@ -95,3 +100,4 @@ def server_process(*args: str, startup_timeout: float = 120.0, env: dict | None 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
