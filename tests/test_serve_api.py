@@ -260,3 +260,12 @@ def test_request_larger_than_the_queue_is_a_400(tiny):
     with server_thread(create_app(Engine(model, tok, max_queue=4), "tiny")) as url:
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2})
         assert "queue size of 4" in error_of(r, 400)["message"]
+
+
+def test_sse_chunks_survive_unicode_line_separators():
+    """Text with NEL / LINE SEPARATOR stays on one SSE line even for clients that split like str.splitlines."""
+    from llmkit.serve.openai_stream import _sse
+
+    event = _sse({"text": "a\u0085b\u2028c\u2029d\x1ce\n"})
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and json.loads(lines[0][len("data: "):])["text"] == "a\u0085b\u2028c\u2029d\x1ce\n"

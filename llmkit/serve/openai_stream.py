@@ -32,7 +32,9 @@ def _bad(message: str, code: str = "invalid_value") -> ApiError:
 
 
 def _sse(payload) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    # ASCII-escaped JSON: generated text may hold U+0085, U+2028 or U+2029, which SSE allows raw
+    # but which clients that split lines like str.splitlines (httpx's iter_lines) cut a chunk at
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 class Streamer:
