@@ -1,6 +1,7 @@
 """Model configuration: one dataclass for every decoder variant, plus named presets.
 
 GPT-2 style:  pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True
+              (nanoGPT and BERT use the exact erf GELU instead: mlp="gelu_erf")
 Llama style:  pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head < n_head (GQA)
 Original Transformer positions: pos="sinusoidal".
 """
@@ -28,7 +29,7 @@ class ModelConfig:
     qkv_bias: bool | None = None    # bias on q/k/v only (Qwen2); None follows `bias`
     norm: str = "layernorm"         # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"               # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    mlp: str = "gelu"               # "gelu" (tanh approximation, as GPT-2) | "gelu_erf" (exact) | "swiglu"
     pos: str = "learned"            # "learned" | "rope" | "sinusoidal"
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
@@ -51,7 +52,7 @@ class ModelConfig:
                 self.intermediate_size = 4 * self.n_embd
         checks = [
             (self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r} (layernorm, rmsnorm)"),
-            (self.mlp in ("gelu", "swiglu"), f"unknown mlp {self.mlp!r} (gelu, swiglu)"),
+            (self.mlp in ("gelu", "gelu_erf", "swiglu"), f"unknown mlp {self.mlp!r} (gelu, gelu_erf, swiglu)"),
             (self.pos in ("learned", "rope", "sinusoidal"), f"unknown pos {self.pos!r} (learned, rope, sinusoidal)"),
             (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"),
             (self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim"),
@@ -84,7 +85,7 @@ class ModelConfig:
 
 PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare-char baby model, scaled for a laptop CPU
-    "char-tiny": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False),
+    "char-tiny": dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, mlp="gelu_erf"),
     "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "llama-tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=8, n_kv_head=2, n_embd=256,
                        bias=False, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", pos="rope", tie_embeddings=False),

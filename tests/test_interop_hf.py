@@ -25,6 +25,8 @@ SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
 HF_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                             bos_token_id=0, eos_token_id=1),
+    "gpt2-erf": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                activation_function="gelu"),
     "llama-gqa": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, rope_theta=50000.0),
     "llama-tied": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=1, tie_word_embeddings=True),
     "llama-bias": lambda: transformers.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True),

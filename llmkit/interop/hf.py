@@ -20,7 +20,8 @@ from llmkit.interop import build_model, fuse_llama_layer, split_llama_layer
 from llmkit.utils import atomic_open, atomic_path
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
-GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# HF GPT-2 activation names -> llmkit mlp (the three tanh forms agree to float rounding)
+GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu", "gelu": "gelu_erf"}
 # llmkit name -> GPT-2 name, per block
 _GPT2_NORMS = (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"))
 _GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
@@ -50,7 +51,7 @@ def config_from_hf(hf: dict, source) -> ModelConfig:
         return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"], bias=True,
-                           norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu",
+                           norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp=GPT2_ACTIVATIONS[act],
                            pos="learned", tie_embeddings=hf.get("tie_word_embeddings", True))
     if kind not in LLAMA_TYPES:
         raise LlmkitError(f"{source}: unsupported architecture {kind!r} "
@@ -207,7 +208,8 @@ def load_hf(model_dir, device="cpu"):
 def _family(config: ModelConfig) -> str:
     """Which HF architecture reproduces this llmkit config exactly."""
     layout = (config.pos, config.norm, config.mlp)
-    if layout == ("learned", "layernorm", "gelu") and config.n_kv_head == config.n_head \
+    if layout in (("learned", "layernorm", "gelu"), ("learned", "layernorm", "gelu_erf")) \
+            and config.n_kv_head == config.n_head \
             and config.head_dim * config.n_head == config.n_embd and config.qkv_bias == config.bias:
         return "gpt2"
     if layout == ("rope", "rmsnorm", "swiglu"):
@@ -226,7 +228,7 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
                 "n_positions": config.block_size, "n_layer": config.n_layer, "n_head": config.n_head,
-                "n_embd": config.n_embd, "n_inner": config.intermediate_size, "activation_function": "gelu_new",
+                "n_embd": config.n_embd, "n_inner": config.intermediate_size, "activation_function": "gelu" if config.mlp == "gelu_erf" else "gelu_new",
                 "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
                 "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
                 "dtype": "float32", **ids}
