@@ -122,6 +122,7 @@ def generate_cmd(
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     import torch
 
+    from llmkit.fast import decode_layout
     from llmkit.generate import SamplingParams, generate, stream
     from llmkit.models import resolve_model
 
@@ -135,6 +136,7 @@ def generate_cmd(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device)
     if prompt_file is None:
+        decode_layout(net)  # one sequence at a time: batch-1 decoding
         for i in range(num_samples):
             if i:
                 print("\n---")
@@ -176,6 +178,7 @@ def chat_cmd(
     import torch
 
     from llmkit.chat import ChatSession, chat_loop
+    from llmkit.fast import decode_layout
     from llmkit.generate import SamplingParams
     from llmkit.models import resolve_model
 
@@ -184,7 +187,7 @@ def chat_cmd(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device)
-    chat_loop(ChatSession(net, tokenizer, system=system, params=params))
+    chat_loop(ChatSession(decode_layout(net), tokenizer, system=system, params=params))
 
 
 @app.command("convert")

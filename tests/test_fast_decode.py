@@ -4,7 +4,7 @@ import torch
 
 from llmkit.config import preset
 from llmkit.errors import LlmkitError
-from llmkit.fast import CompiledDecoder
+from llmkit.fast import CompiledDecoder, decode_layout
 from llmkit.model.decoder import GPT
 
 
@@ -50,3 +50,30 @@ def test_bf16_model_keeps_an_fp32_cache():
         got, expected = decoder.decode(ids[:, 8:]), model(ids)[0][:, -1]
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), expected.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "llama-tiny"])
+def test_decode_layout_keeps_values_and_checkpoints(name, tmp_path):
+    """Column-major weights: same logits (tied head included), and the checkpoint still saves and loads."""
+    from llmkit.checkpoint import load_checkpoint, save_checkpoint
+    from llmkit.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(preset(name, n_layer=2, n_head=4, n_kv_head=2 if name == "llama-tiny" else 4, n_embd=64,
+                       vocab_size=300, block_size=64)).eval()
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.inference_mode():
+        before = model(ids)[0]
+    decode_layout(model)
+    assert all(not m.weight.is_contiguous() and m.weight.t().is_contiguous()
+               for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert (model.lm_head.weight is model.embed.weight) == model.config.tie_embeddings
+    with torch.inference_mode():
+        assert torch.allclose(model(ids)[0], before, atol=1e-5)
+    save_checkpoint(tmp_path, model, Tokenizer.train_char(["some text"]))
+    again, _ = load_checkpoint(tmp_path)
+    with torch.inference_mode():
+        assert torch.allclose(again(ids)[0], before, atol=1e-5)
+    bf16 = GPT(preset(name, n_layer=1, n_head=4, n_embd=64, vocab_size=300)).to(torch.bfloat16)
+    decode_layout(bf16)  # bf16 keeps row-major: transposed bf16 matrix-vector products are slow on CPU
+    assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))
