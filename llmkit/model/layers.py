@@ -174,10 +174,11 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+            q = q.to(k.dtype)  # a float32 cache beside bf16 weights (CPU): attention runs in float32
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != K)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
         return self.resid_drop(y) if self.resid_drop is not None else y
 
 
