@@ -8,7 +8,8 @@ forward passes, pooling and normalisation.
   sentence-transformers  SentenceTransformer.encode(batch_size=32): sorts by character length, pads
                          each batch, HF BertModel (SDPA attention)
   llmkit                 llmkit.embed.embed_texts(batch_size=32): sorts by token length, pads each batch,
-                         llmkit Encoder (fused qkv, SDPA with a padding mask, inference_mode)
+                         llmkit Encoder (fused qkv; short inputs: matmul attention with a padding mask;
+                         inference_mode)
 Timed twice: whole calls, and batch by batch with the engines alternating every batch (each on its own
 length-sorted batches), which keeps the comparison fair on a machine that other work is loading.
 The sentences are spans of 14-26 words of natural text (tinyshakespeare beside the repo when present,
