@@ -8,10 +8,11 @@ from llmkit import demo
 
 def test_demo_pipeline_runs_on_the_bundled_corpus(tmp_path):
     out = io.StringIO()
-    result = demo.run(tmp_path, max_steps=4, chat=False, out=out)
+    result = demo.run(tmp_path, max_steps=40, chat=False, out=out)
     text = out.getvalue()
     assert "validation loss" in text and "perplexity" in text
-    assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(4096) + 1
+    # 40 steps already beat uniform guessing over the vocabulary by a wide margin
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < math.log(demo.DEMO_VOCAB) - 1
     assert len(result["samples"]) == len(demo.DEMO_PROMPTS)
     docs = [json.loads(line)["text"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
     assert len(docs) > 50 and all(docs)
