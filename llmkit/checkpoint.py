@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.utils import atomic_open, atomic_path
+from llmkit.utils import atomic_open, atomic_path, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,14 +43,7 @@ def read_meta(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise LlmkitError(f"no such model: {path}")
-    cfg_path = path / CONFIG_FILE
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise LlmkitError(f"{path} is not an llmkit model directory (no {CONFIG_FILE})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise LlmkitError(f"cannot read {cfg_path}: {e}") from None
+    return read_json(path / CONFIG_FILE, missing=f"{path} is not an llmkit model directory (no {CONFIG_FILE})")
 
 
 def load_weights(model: torch.nn.Module, weights_path) -> None:

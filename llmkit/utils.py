@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
+
+from llmkit.errors import LlmkitError
 
 
 @contextlib.contextmanager
@@ -33,15 +36,28 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
         yield f
 
 
+def read_json(path, missing: str | None = None, required: bool = True):
+    """The parsed JSON file at `path`.
+
+    A missing file raises LlmkitError(`missing`, default "missing PATH"), or gives {} when not
+    `required`; an unreadable or malformed file raises LlmkitError naming it.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if required:
+            raise LlmkitError(missing or f"missing {path}") from None
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise LlmkitError(f"cannot read {path}: {e}") from None
+
+
 def read_jsonl(path, what: str = "data") -> list[tuple[int, object]]:
     """(line number, parsed value) for each non-blank line of a JSONL file.
 
     A missing file, bad encoding or malformed line raises LlmkitError naming the file and line.
     """
-    import json
-
-    from llmkit.errors import LlmkitError
-
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -7,7 +7,6 @@ embeddings match theirs: same pooling, same normalisation, same truncation.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tokenizers import normalizers
 
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder, EncoderConfig
+from llmkit.utils import read_json
 
 SUPPORTED_TYPES = ("bert", "roberta")
 _PREFIXES = ("bert.", "roberta.")
@@ -45,16 +45,6 @@ _TOP_MAP = {
 _MLM_BIAS = ("cls.predictions.bias", "lm_head.bias")
 # Weights an encoder without next-sentence/pooler heads has no use for; decoder weights are tied to embed.
 _IGNORED = re.compile(r"(^embeddings\.position_ids$|^pooler\.|^cls\.seq_relationship\.|decoder\.(weight|bias)$)")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise LlmkitError(f"missing {path}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise LlmkitError(f"cannot read {path}: {e}") from None
 
 
 def is_hf_encoder_dir(path) -> bool:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.interop import build_model, fuse_llama_layer, split_llama_layer
-from llmkit.utils import atomic_open, atomic_path
+from llmkit.utils import atomic_open, atomic_path, read_json
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 # HF GPT-2 activation names -> llmkit mlp (the three tanh forms agree to float rounding)
@@ -26,18 +26,6 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast"
 _GPT2_NORMS = (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"))
 _GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
                  ("mlp.proj", "mlp.c_proj"))
-
-
-def _read_json(path: Path, required=True) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        if required:
-            raise LlmkitError(f"missing {path}") from None
-        return {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise LlmkitError(f"cannot read {path}: {e}") from None
 
 
 def config_from_hf(hf: dict, source) -> ModelConfig:
@@ -88,7 +76,7 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single-file or sharded safetensors checkpoint."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not shards:
             raise LlmkitError(f"{index}: empty weight_map")
     elif (model_dir / "model.safetensors").exists():
@@ -175,7 +163,7 @@ def load_hf_tokenizer(model_dir: Path, hf_config: dict):
     if not path.exists():
         raise LlmkitError(f"missing tokenizer {path}")
     tok = Tokenizer.load(path)
-    gen_cfg = _read_json(model_dir / "generation_config.json", required=False)
+    gen_cfg = read_json(model_dir / "generation_config.json", required=False)
     stops = gen_cfg.get("eos_token_id", hf_config.get("eos_token_id"))
     stops = [i for i in (stops if isinstance(stops, list) else [stops])
              if isinstance(i, int) and tok.id_to_token(i) is not None]
@@ -187,7 +175,7 @@ def load_hf_tokenizer(model_dir: Path, hf_config: dict):
 def load_hf(model_dir, device="cpu"):
     """(model, tokenizer) from a Hugging Face model directory."""
     model_dir = Path(model_dir)
-    hf_config = _read_json(model_dir / "config.json")
+    hf_config = read_json(model_dir / "config.json")
     try:
         config = config_from_hf(hf_config, model_dir / "config.json")
     except KeyError as e:
