@@ -91,10 +91,8 @@ class CompiledDecoder(nn.Module):
         self.model, self.max_len, self.pos = model, max_len, 0
         weight = model.embed.weight
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        # fp32 keys/values whatever the weights: CPU attention is ~6x slower in bf16 (1 ms instead of
-        # 0.16 ms per layer at 640 keys), and the cache is small next to the weights. Zeros, not empty:
-        # masked slots still meet V in the weighted sum, and 0 * NaN would be NaN.
-        cache_dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
+        # Zeros, not empty: masked slots still meet V in the weighted sum, and 0 * NaN would be NaN.
+        cache_dtype = model.kv_dtype()
         self.register_buffer("k", torch.zeros(shape, dtype=cache_dtype, device=weight.device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=cache_dtype, device=weight.device), persistent=False)
         self._slots = torch.arange(max_len, device=weight.device)

@@ -137,19 +137,19 @@ class GPT(nn.Module):
             mask = mask & (attn_mask.bool()[:, None, None, :] | (keys == slots))  # (B, 1, T, S)
         return mask, False
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
-        """A preallocated KV cache for `batch_size` rows and `max_len` slots (default block_size).
-
-        The cache takes the weights' dtype, except on CPU, where it is float32: CPU attention in
-        bf16/fp16 is several times slower (0.4 ms instead of 0.15 per SmolLM2 layer at 600 keys),
-        and the cache is small next to the weights."""
-        cfg = self.config
+    def kv_dtype(self, device=None) -> torch.dtype:
+        """The dtype keys/values are cached in: the weights' dtype, except on CPU, where it is float32.
+        CPU attention in bf16/fp16 is several times slower (0.4 ms instead of 0.15 per SmolLM2 layer
+        at 600 keys), and the cache is small next to the weights."""
         weight = self.embed.weight
-        device = torch.device(device or weight.device)
-        if dtype is None:
-            dtype = torch.float32 if device.type == "cpu" else weight.dtype
+        return torch.float32 if torch.device(device or weight.device).type == "cpu" else weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        """A preallocated KV cache for `batch_size` rows and `max_len` slots (default block_size)."""
+        cfg = self.config
+        device = device or self.embed.weight.device
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
-                       device=device, dtype=dtype)
+                       device=device, dtype=dtype or self.kv_dtype(device))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (a tied embedding counted once). non_embedding drops the lookup tables that
