@@ -21,7 +21,6 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import TOKENIZER_FILE, Tokenizer
-from llmkit.utils import atomic_open
 
 SUFFIXES = (".txt", ".jsonl")
 META_FILE = "meta.json"

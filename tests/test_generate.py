@@ -1,5 +1,4 @@
 """Sampling functions, incremental detokenization, stop handling, the batched decoding loop and the CLI."""
-import math
 import subprocess
 import sys
 

@@ -2,7 +2,6 @@
 transformers' own GGUF loader (greedy continuations and tokenizer ids must agree)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
