@@ -1,22 +1,18 @@
-"""EleutherAI lm-evaluation-harness support: `--model llmkit --model_args path=...`.
+"""EleutherAI lm-evaluation-harness support: `lm_eval --model llmkit --model_args path=...`.
 
-Importing this module registers the model name `llmkit` with lm-eval's registry. lm-eval 0.4
-discovers models only through its own built-in table, so its plain `lm_eval` command cannot see
-third-party names; run the harness through this module instead, with the very same arguments:
+    lm_eval --model llmkit --model_args path=runs/sft --tasks my_task --include_path my_tasks/ \\
+        --device cpu --batch_size 8
 
-    python -m llmkit.lm_eval_adapter --model llmkit --model_args path=runs/sft \\
-        --tasks my_task --include_path my_tasks/ --device cpu --batch_size 8
-    (or the console script `llmkit-lm-eval ...`)
-
-From Python, `import llmkit.lm_eval_adapter` before `lm_eval.simple_evaluate(model="llmkit", ...)`.
+lm-eval's own registry knows only its built-in models; the installed `llmkit_lm_eval_hook.pth`
+registers this class under the name `llmkit` as soon as lm-eval loads its models, so the plain
+`lm_eval` command finds it. From Python, importing this module registers it too, before
+`lm_eval.simple_evaluate(model="llmkit", ...)`.
 
 `path` is anything `llmkit.models.resolve_model` loads: an llmkit or Hugging Face directory, a
 .gguf file or a short name such as smollm2-135m-instruct. Scoring reuses llmkit.evaluate
 (batched log-likelihood, rolling perplexity windows) and generation uses llmkit.generate.
 """
 from __future__ import annotations
-
-import sys
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -117,14 +113,3 @@ class LlmkitLM(TemplateLM):
             out.append(text)
         return out
 
-
-def main() -> None:
-    """`lm_eval`'s own command line, run after registering `llmkit`."""
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv[0] = "lm_eval"
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from finetunekit import one_thread, tiny_model_dir, write_jsonl  # noqa: F401
@@ -46,7 +47,8 @@ def test_lm_eval_runs_llmkit_model_on_local_tasks(tmp_path):
     tasks = task_dir(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), "HF_HOME": str(tmp_path / "hf-home")}
-    cmd = [sys.executable, "-m", "llmkit.lm_eval_adapter", "--model", "llmkit", "--model_args",
+    # lm-eval's own command: the installed llmkit_lm_eval_hook.pth makes it know `--model llmkit`
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "llmkit", "--model_args",
            f"path={model_dir}", "--tasks", "llmkit_tiny_mc,llmkit_tiny_gen,llmkit_tiny_roll",
            "--include_path", str(tasks), "--batch_size", "2", "--output_path", str(tmp_path / "out"),
            "--log_samples"]
@@ -69,3 +71,11 @@ def test_lm_eval_runs_llmkit_model_on_local_tasks(tmp_path):
         words += len(text.split())
     assert results["llmkit_tiny_roll"]["word_perplexity,none"] == pytest.approx(math.exp(total_nll / words), rel=1e-4)
     assert 0.0 <= results["llmkit_tiny_gen"]["exact_match,none"] <= 1.0
+
+
+def test_start_up_hook_is_installed_and_imports_nothing_heavy():
+    """The .pth hook runs in every interpreter of the environment: it must not pull in lm-eval or torch."""
+    code = ("import sys; from llmkit_lm_eval_hook import _RegisterAfterLmEvalModels as F; "
+            "print(any(isinstance(f, F) for f in sys.meta_path), 'lm_eval' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True", "False", "False"], done.stderr
