@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import apply_rotary
+from llmkit.model.layers import apply_rotary, half_matmuls_in_float32
 
 
 def block_step(block, x, k_cache, v_cache, cos, sin, positions, mask):
@@ -120,7 +120,8 @@ class CompiledDecoder(nn.Module):
         if T >= self.max_len:
             raise LlmkitError(f"a prompt of {T} tokens leaves no room in a cache of {self.max_len}")
         self.pos = T
-        return self._forward(idx, torch.arange(T, device=idx.device), block_step)
+        with half_matmuls_in_float32(self.model.embed.weight, idx.numel()):
+            return self._forward(idx, torch.arange(T, device=idx.device), block_step)
 
     @torch.inference_mode()
     def decode(self, idx: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from llmkit.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from llmkit.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
 from llmkit.model.decoder import GPT
+from llmkit.model import layers
 from llmkit.model.layers import RMSNorm, SinusoidalPositions
 
 STYLES = {
@@ -95,6 +96,47 @@ def test_bf16_cache_matches_full_forward(style):
         stepped = torch.cat([model(idx[:, :5], cache=cache)[0], model(idx[:, 5:], cache=cache)[0]], 1)
     assert full.dtype == torch.bfloat16
     torch.testing.assert_close(stepped.float(), full.float(), atol=2e-2, rtol=0)
+
+
+def test_half_precision_linears_over_many_rows_run_in_float32():
+    """CPU bf16/fp16 GEMMs of >= 8 rows are computed as upcast fp32 GEMMs; one-row products are not."""
+    weight, bias = torch.randn(48, 32).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
+    many, one = torch.randn(2, 4, 32).to(torch.bfloat16), torch.randn(1, 32).to(torch.bfloat16)
+    with layers.HalfMatmulsInFloat32():
+        got_many = torch.nn.functional.linear(many, weight, bias)
+        got_one = torch.nn.functional.linear(one, weight, bias=bias)
+    assert got_many.dtype == torch.bfloat16
+    assert torch.equal(got_many, torch.nn.functional.linear(many.float(), weight.float(), bias.float()).to(torch.bfloat16))
+    assert torch.equal(got_one, torch.nn.functional.linear(one, weight, bias))
+
+
+def test_bf16_prefill_uses_float32_matmuls_only_without_native_support(monkeypatch):
+    model = make("llama").to(torch.bfloat16)
+    idx = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))
+    seen = []
+    real = layers.HalfMatmulsInFloat32.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(layers.HalfMatmulsInFloat32, "__torch_function__", spy)
+    monkeypatch.setattr(layers, "cpu_has_half_matmuls", lambda dtype: False)
+    with torch.no_grad():
+        upcast, _ = model(idx)
+        assert torch.nn.functional.linear in seen
+        seen.clear()
+        model(idx[:, :1])  # a single row: left in bf16
+        model.train()
+        with torch.enable_grad():
+            model(idx)  # training: untouched
+        assert not seen
+        model.eval()
+        monkeypatch.setattr(layers, "cpu_has_half_matmuls", lambda dtype: True)
+        native, _ = model(idx)
+        assert not seen
+    # same products, fp32 accumulation either way: only the bf16 rounding of intermediates may differ
+    assert (upcast.float() - native.float()).abs().max() < 0.1 * native.float().abs().max()
 
 
 @pytest.mark.parametrize("style", STYLES)

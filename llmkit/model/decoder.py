@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.layers import (CausalSelfAttention, KVCache, RotaryEmbedding, SinusoidalPositions,
-                                 make_mlp, make_norm)
+                                 half_matmuls_in_float32, make_mlp, make_norm)
 
 
 class Block(nn.Module):
@@ -104,13 +104,14 @@ class GPT(nn.Module):
         if self.drop is not None:
             x = self.drop(x)
         mask, causal = self._attention_mask(T, start, attn_mask, idx.device)
-        for block in self.blocks:
-            x = block(x, rope, cache, mask, causal)
-        if cache is not None:
-            cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.final_norm(x))
+        with half_matmuls_in_float32(self.embed.weight, B * T):
+            for block in self.blocks:
+                x = block(x, rope, cache, mask, causal)
+            if cache is not None:
+                cache.advance(T)
+            if last_only:
+                x = x[:, -1:]
+            logits = self.lm_head(self.final_norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
