@@ -231,6 +231,18 @@ def test_cli_streams_a_prompt(model_dir, tok):
     assert sampled.exit_code == 0 and sampled.output.count("\n---\n") == 1
 
 
+def test_cli_generates_in_bfloat16_and_rejects_unknown_dtypes(model_dir, tok):
+    from llmkit.checkpoint import load_checkpoint
+    model, _ = load_checkpoint(model_dir)
+    expected = generate(model.to(torch.bfloat16), tok, "To be", max_new_tokens=8, temperature=0)
+    result = CliRunner().invoke(app, ["generate", "To be", "--model", str(model_dir), "--max-new-tokens", "8",
+                                      "--temperature", "0", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "To be" + expected + "\n"
+    bad = CliRunner().invoke(app, ["generate", "To be", "--model", str(model_dir), "--dtype", "float8"])
+    assert bad.exit_code != 0 and "unknown dtype 'float8'" in str(bad.exception)
+
+
 def test_cli_prompt_file_batch(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("To be\n\nCafé crème\n", encoding="utf-8")
