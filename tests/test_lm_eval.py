@@ -73,6 +73,27 @@ def test_lm_eval_runs_llmkit_model_on_local_tasks(tmp_path):
     assert 0.0 <= results["llmkit_tiny_gen"]["exact_match,none"] <= 1.0
 
 
+@pytest.mark.slow
+def test_shipped_example_task_runs(tmp_path):
+    """README's command on the example task directory (run from the repository root, as documented)."""
+    repo = Path(__file__).resolve().parents[1]
+    model_dir = tiny_model_dir(tmp_path / "model")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), "HF_HOME": str(tmp_path / "hf-home")}
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "llmkit", "--model_args", f"path={model_dir}",
+           "--tasks", "llmkit_example_mc", "--include_path", "examples/lm_eval_tasks", "--device", "cpu",
+           "--output_path", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    from llmkit.checkpoint import load_checkpoint
+    from llmkit.evaluate import multiple_choice, read_mc_items
+
+    model, tok = load_checkpoint(model_dir)
+    ours = multiple_choice(model, tok, read_mc_items(repo / "examples/data/mc.jsonl"))
+    assert results["llmkit_example_mc"]["acc,none"] == pytest.approx(ours["acc"])
+
+
 def test_start_up_hook_is_installed_and_imports_nothing_heavy():
     """The .pth hook runs in every interpreter of the environment: it must not pull in lm-eval or torch."""
     code = ("import sys; from llmkit_lm_eval_hook import _RegisterAfterLmEvalModels as F; "
