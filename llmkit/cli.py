@@ -245,12 +245,13 @@ def serve_cmd(
     context: int = typer.Option(None, "--context", help="tokens per sequence, prompt + output (default: model's)"),
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
+    dtype: str = typer.Option(None, "--dtype", help="decoder weights: float32 (default), bfloat16 or float16"),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
     from llmkit.serve import serve
 
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
-          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body)
+          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype)
 
 
 def _int_list(value: str | None, what: str) -> list[int] | None:

@@ -7,8 +7,10 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 
 from llmkit.checkpoint import load_checkpoint
+from llmkit.errors import LlmkitError
 from llmkit.generate import generate
 from llmkit.serve import create_app
 from llmkit.serve.engine import Engine
@@ -253,6 +255,24 @@ def test_embeddings_beside_a_decoder_and_alone(tiny):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert len(client.embeddings.create(model="all-minilm-l6-v2", input="hello").data[0].embedding) == 384
         assert httpx.get(f"{url}/health").json()["models"] == ["all-minilm-l6-v2"]
+
+
+def test_bfloat16_server_matches_bfloat16_generate(tiny_dir):
+    """--dtype bfloat16: batched requests (prompts of >= 8 tokens prefill through fp32 GEMMs on CPUs
+    without bf16 matmuls, as generate() does) give generate()'s greedy text."""
+    from llmkit.serve import build_app
+
+    model, tok = load_checkpoint(tiny_dir)
+    model = model.to(torch.bfloat16).eval()
+    prompts = ["The king is dead, long live", "To be"]
+    want = [generate(model, tok, p, max_new_tokens=8, temperature=0) for p in prompts]
+    with server_thread(build_app(str(tiny_dir), dtype="bfloat16", max_batch=4)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        got = [client.completions.create(model=tiny_dir.name, prompt=p, max_tokens=8, temperature=0).choices[0].text
+               for p in prompts]
+    assert got == want
+    with pytest.raises(LlmkitError, match="unknown dtype"):
+        build_app(str(tiny_dir), dtype="int3")
 
 
 def test_request_larger_than_the_queue_is_a_400(tiny):

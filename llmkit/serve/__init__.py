@@ -29,9 +29,10 @@ def served_name(name_or_path: str) -> str:
 
 def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: str | None = None,
               max_batch: int = 16, max_queue: int = 128, context: int | None = None, timeout: float = 600.0,
-              api_key: str | None = None, max_body_bytes: int = 1 << 20):
+              api_key: str | None = None, max_body_bytes: int = 1 << 20, dtype: str | None = None):
     """Load the models and wire engine and app. `model` may be a decoder (chat/completions) or an
-    encoder (then it serves embeddings); `embedding_model` adds an encoder beside a decoder."""
+    encoder (then it serves embeddings); `embedding_model` adds an encoder beside a decoder.
+    `dtype` (float32 default, bfloat16, float16) is the decoder's."""
     from llmkit.serve.embeddings import is_encoder, load_embedder
 
     engine = embedder = decoder_name = embed_name = None
@@ -42,7 +43,7 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
     if model is not None:
         from llmkit.models import resolve_model
 
-        net, tokenizer = resolve_model(model)
+        net, tokenizer = resolve_model(model, dtype=dtype)
         engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,
                         timeout=timeout)
         decoder_name = served_name(model)
