@@ -22,6 +22,8 @@ from llmkit.utils import atomic_open, atomic_path, read_json
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 # HF GPT-2 activation names -> llmkit mlp (the three tanh forms agree to float rounding)
 GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu", "gelu": "gelu_erf"}
+# llmkit mlp -> the HF GPT-2 activation it exports as (the MLPs a GPT-2 export can carry)
+_GPT2_EXPORT_ACTIVATIONS = {"gelu": "gelu_new", "gelu_erf": "gelu"}
 # llmkit name -> GPT-2 name, per block
 _GPT2_NORMS = (("attn_norm", "ln_1"), ("mlp_norm", "ln_2"))
 _GPT2_LINEARS = (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
@@ -196,7 +198,7 @@ def load_hf(model_dir, device="cpu"):
 def _family(config: ModelConfig) -> str:
     """Which HF architecture reproduces this llmkit config exactly."""
     layout = (config.pos, config.norm, config.mlp)
-    if layout in (("learned", "layernorm", "gelu"), ("learned", "layernorm", "gelu_erf")) \
+    if layout[:2] == ("learned", "layernorm") and config.mlp in _GPT2_EXPORT_ACTIVATIONS \
             and config.n_kv_head == config.n_head \
             and config.head_dim * config.n_head == config.n_embd and config.qkv_bias == config.bias:
         return "gpt2"
@@ -216,7 +218,7 @@ def hf_config_dict(config: ModelConfig, tokenizer=None) -> dict:
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
                 "n_positions": config.block_size, "n_layer": config.n_layer, "n_head": config.n_head,
-                "n_embd": config.n_embd, "n_inner": config.intermediate_size, "activation_function": "gelu" if config.mlp == "gelu_erf" else "gelu_new",
+                "n_embd": config.n_embd, "n_inner": config.intermediate_size, "activation_function": _GPT2_EXPORT_ACTIVATIONS[config.mlp],
                 "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
                 "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
                 "dtype": "float32", **ids}
