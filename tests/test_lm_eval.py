@@ -15,6 +15,18 @@ MC = [{"question": "capital of zorbia?", "choices": ["quibble", "frobnitz", "par
       {"question": "the cat sat on the?", "choices": ["mat", "rome"], "answer": 0},
       {"question": "yonder?", "choices": ["blue", "green", "berlin"], "answer": 2}]
 GEN = [{"question": "the cat", "answer": "sat"}, {"question": "capital of", "answer": "zorbia"}]
+# lm-eval's own command: the installed llmkit_lm_eval_hook.pth makes it know `--model llmkit`
+LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
+
+
+def run_lm_eval(tmp_path, args: list[str], cwd=None) -> dict:
+    """`lm_eval --model llmkit ...` offline with its caches under tmp_path; the results JSON's "results"."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), "HF_HOME": str(tmp_path / "hf-home")}
+    done = subprocess.run([LM_EVAL, "--model", "llmkit", *args, "--output_path", str(tmp_path / "out")],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
 
 
 def task_dir(root):
@@ -45,17 +57,9 @@ def test_lm_eval_runs_llmkit_model_on_local_tasks(tmp_path):
 
     model_dir = tiny_model_dir(tmp_path / "model")
     tasks = task_dir(tmp_path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), "HF_HOME": str(tmp_path / "hf-home")}
-    # lm-eval's own command: the installed llmkit_lm_eval_hook.pth makes it know `--model llmkit`
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "llmkit", "--model_args",
-           f"path={model_dir}", "--tasks", "llmkit_tiny_mc,llmkit_tiny_gen,llmkit_tiny_roll",
-           "--include_path", str(tasks), "--batch_size", "2", "--output_path", str(tmp_path / "out"),
-           "--log_samples"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results_file = next((tmp_path / "out").rglob("results_*.json"))
-    results = json.loads(results_file.read_text())["results"]
+    results = run_lm_eval(tmp_path, ["--model_args", f"path={model_dir}", "--tasks",
+                                     "llmkit_tiny_mc,llmkit_tiny_gen,llmkit_tiny_roll", "--include_path", str(tasks),
+                                     "--batch_size", "2", "--log_samples"])
     assert set(results) == {"llmkit_tiny_mc", "llmkit_tiny_gen", "llmkit_tiny_roll"}
 
     # lm-eval's accuracy is what llmkit's own multiple-choice scoring finds with the same prompt
@@ -78,14 +82,8 @@ def test_shipped_example_task_runs(tmp_path):
     """README's command on the example task directory (run from the repository root, as documented)."""
     repo = Path(__file__).resolve().parents[1]
     model_dir = tiny_model_dir(tmp_path / "model")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf-cache"), "HF_HOME": str(tmp_path / "hf-home")}
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "llmkit", "--model_args", f"path={model_dir}",
-           "--tasks", "llmkit_example_mc", "--include_path", "examples/lm_eval_tasks", "--device", "cpu",
-           "--output_path", str(tmp_path / "out")]
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    results = run_lm_eval(tmp_path, ["--model_args", f"path={model_dir}", "--tasks", "llmkit_example_mc",
+                                     "--include_path", "examples/lm_eval_tasks", "--device", "cpu"], cwd=repo)
     from llmkit.checkpoint import load_checkpoint
     from llmkit.evaluate import multiple_choice, read_mc_items
 
