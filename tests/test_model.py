@@ -10,7 +10,7 @@ from llmkit.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
 from llmkit.model.decoder import GPT
 from llmkit.model import layers
-from llmkit.model.layers import RMSNorm, SinusoidalPositions
+from llmkit.model.layers import RMSNorm, SinusoidalPositions, matmul_attention
 
 STYLES = {
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
@@ -316,6 +316,35 @@ def test_llama_style_matches_transformers():
     idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])  # llama: grouped-query heads
+def test_short_cpu_attention_path_matches_sdpa(style, monkeypatch):
+    """Short CPU sequences attend through matmul_attention; loss and every gradient equal SDPA's."""
+    gen = torch.Generator().manual_seed(11)
+    idx, targets = torch.randint(0, 97, (3, 32), generator=gen), torch.randint(0, 97, (3, 32), generator=gen)
+    calls = []
+    monkeypatch.setattr(layers, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
+    results = {}
+    for short in (layers.SHORT_ATTENTION, 0):  # 0: every length takes SDPA
+        monkeypatch.setattr(layers, "SHORT_ATTENTION", short)
+        model = make(style).train()
+        loss = model(idx, targets)[1]
+        loss.backward()
+        results[short] = (loss, {n: p.grad for n, p in model.named_parameters()})
+    assert len(calls) == 2  # one per layer, in the first run only
+    (loss_mm, grads_mm), (loss_sdpa, grads_sdpa) = results.values()
+    torch.testing.assert_close(loss_mm, loss_sdpa, atol=1e-6, rtol=1e-6)
+    for name, grad in grads_sdpa.items():
+        torch.testing.assert_close(grads_mm[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_matmul_attention_drops_attention_weights_in_training():
+    q = k = v = torch.randn(2, 2, 8, 4)
+    torch.testing.assert_close(matmul_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    torch.manual_seed(0)
+    dropped = matmul_attention(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(dropped, matmul_attention(q, k, v))
 
 
 @pytest.mark.slow

@@ -145,6 +145,23 @@ class KVCache:
         self.pos = 0
 
 
+SHORT_ATTENTION = 128  # on CPU, sequences up to this long attend through matmul_attention
+
+
+def matmul_attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), masked) v as plain batched matmuls; mask is bool, True = may attend.
+
+    On CPU, for short sequences, this beats SDPA's tiled flash kernel, forward and backward, eager or
+    compiled (2 cores, 48 heads of 64 tokens: 0.72x its time; 128 tokens: 0.86x; 256: 1.8x, slower)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return torch.matmul(weights, v)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with one fused q/k/v projection."""
 
@@ -177,9 +194,15 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
             q = q.to(k.dtype)  # a float32 cache beside bf16 weights (CPU): attention runs in float32
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != K)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None and mask is None and causal and x.device.type == "cpu" and T <= SHORT_ATTENTION:
+            if H != K:
+                k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+            causal_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            y = matmul_attention(q, k, v, causal_mask, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
+                                               dropout_p=dropout_p, enable_gqa=H != K)
         y = self.proj(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
         return self.resid_drop(y) if self.resid_drop is not None else y
 
