@@ -133,7 +133,8 @@ def test_stop_string_ends_the_sequence(tiny):
 def test_cancel_and_timeout_free_their_rows(tiny):
     model, tok = tiny
     engine = Engine(model, tok, max_batch=2, max_queue=4, context=256, timeout=None)
-    long = SamplingParams(max_tokens=200, temperature=1.0)
+    # ignore_eos: a sampled end-of-text would free a row early and admit the waiting request
+    long = SamplingParams(max_tokens=200, temperature=1.0, ignore_eos=True)
 
     async def go():
         job = engine.submit([tok.encode("a")], long, n=2)
