@@ -9,7 +9,8 @@ Each row trains two models in this process from the same init, data and schedule
   baseline  the straightforward loop: eager model, for-loop AdamW (nanoGPT's CPU default), a Python
             list of slices per batch, loss.item() every step
   llmkit    llmkit.train.Trainer.train_step: torch.compile (the first step, which compiles, is timed
-            apart and reported), fused AdamW, vectorised sampling, no host sync per step
+            apart and reported), fused AdamW, vectorised sampling, no host sync per step, and (small
+            row, 64-token windows) attention as plain matmuls rather than SDPA's flash kernel
 in alternating chunks of 50 iterations, so both see the same machine load (the machine is shared),
 and both are compared with nanoGPT's documented CPU numbers for this machine class. Validation
 loss is the mean over the same 20 fixed val batches for both.
