@@ -6,8 +6,8 @@ Rows (nanoGPT's shakespeare-char recipe, dropout 0, AdamW betas (0.9, 0.99), wd 
   small  4 layers x 4 heads x 128, block 64, batch 12, 2000 iters, warmup 100, cosine to 1e-4 at 2000
   large  6 layers x 6 heads x 384, block 256, batch 16, 50 iters (timing; warmup 100, decay at 5000)
 Each row trains two models in this process from the same init, data and schedule:
-  baseline  the straightforward loop: eager model, for-loop AdamW (nanoGPT's CPU default), a Python
-            list of slices per batch, loss.item() every step
+  baseline  the straightforward loop: eager model with SDPA attention, for-loop AdamW (nanoGPT's CPU
+            default), a Python list of slices per batch, loss.item() every step
   llmkit    llmkit.train.Trainer.train_step: torch.compile (the first step, which compiles, is timed
             apart and reported), fused AdamW, vectorised sampling, no host sync per step, and (small
             row, 64-token windows) attention as plain matmuls rather than SDPA's flash kernel
@@ -18,6 +18,7 @@ loss is the mean over the same 20 fixed val batches for both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from llmkit.config import preset  # noqa: E402
 from llmkit.data import RandomWindowSampler, load_split, prepare  # noqa: E402
+from llmkit.model import layers  # noqa: E402
 from llmkit.model.decoder import GPT  # noqa: E402
 from llmkit.optim import lr_at, param_groups  # noqa: E402
 from llmkit.perf import measure_peak_flops  # noqa: E402
@@ -63,6 +65,17 @@ def val_loss(model, val_tokens, row: dict) -> float:
     return sum(losses) / len(losses)
 
 
+@contextlib.contextmanager
+def sdpa_attention():
+    """nanoGPT's attention: SDPA at every length (llmkit's model takes plain matmuls for short CPU
+    sequences; the baseline keeps the kernel nanoGPT calls)."""
+    saved, layers.SHORT_ATTENTION = layers.SHORT_ATTENTION, 0
+    try:
+        yield
+    finally:
+        layers.SHORT_ATTENTION = saved
+
+
 class Baseline:
     """The plain training loop most people write first (nanoGPT's train.py on CPU, compile off)."""
 
@@ -84,6 +97,10 @@ class Baseline:
         return x, y
 
     def step(self) -> None:
+        with sdpa_attention():
+            self._step()
+
+    def _step(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.it, LR, MIN_LR, self.row["warmup"], self.row["decay"])
         x, y = self.get_batch()
@@ -96,7 +113,8 @@ class Baseline:
         self.it += 1
 
     def val_loss(self) -> float:
-        return val_loss(self.model, self.val, self.row)
+        with sdpa_attention():
+            return val_loss(self.model, self.val, self.row)
 
 
 def pick_threads(row: dict, vocab_size: int) -> tuple[int, dict]:
