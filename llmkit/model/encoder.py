@@ -92,8 +92,6 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p, True) if training and p > 0 else x
 
 
-
-
 class SelfAttention(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
