@@ -148,6 +148,11 @@ class KVCache:
 SHORT_ATTENTION = 128  # on CPU, sequences up to this long attend through matmul_attention
 
 
+def short_cpu_sequence(x: torch.Tensor) -> bool:
+    """Whether x (B, T, C) is a CPU sequence short enough for matmul_attention to beat SDPA."""
+    return x.device.type == "cpu" and x.shape[1] <= SHORT_ATTENTION
+
+
 def matmul_attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(D), masked) v as plain batched matmuls; mask is bool, True = may attend.
 
@@ -195,7 +200,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
             q = q.to(k.dtype)  # a float32 cache beside bf16 weights (CPU): attention runs in float32
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and mask is None and causal and x.device.type == "cpu" and T <= SHORT_ATTENTION:
+        if cache is None and mask is None and causal and short_cpu_sequence(x):
             if H != K:
                 k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
             causal_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
