@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmkit import kernels
 from llmkit.errors import LlmkitError
 from llmkit.model.layers import apply_rotary, half_matmuls_in_float32
 
@@ -35,24 +36,29 @@ def block_step(block, x, k_cache, v_cache, cos, sin, positions, mask):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k_cache.index_copy_(2, positions, k.to(k_cache.dtype))
     v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
-    y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask, enable_gqa=H != K)
+    q = q.to(k_cache.dtype)
+    if T == 1 and kernels.decode_attention_applies(q, k_cache):
+        y = kernels.decode_attention(q, k_cache, v_cache, positions)  # slots 0..positions[0]
+    else:
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=H != K)
     y = y.to(x.dtype)
     x = x + attn.proj(y.transpose(1, 2).reshape(B, T, H * D))
     return x + block.mlp(block.mlp_norm(x))
 
 
 def decode_layout(model):
-    """Store every linear weight column-major (the same values, transposed in memory); returns `model`.
+    """Store every linear weight column-major (the same values, transposed in memory) where PyTorch's
+    BLAS decodes batch-1 steps; returns `model`.
 
-    A one-token decode step is a matrix-vector product per weight, bound by reading the weights. On
-    CPU, BLAS streams an (out, in) matrix about 1.8x faster when it is laid out as its transpose
-    (SmolLM2-135M fp32, 2 cores: 17 GB/s instead of 10), and prefill GEMMs run at the same speed
-    either way. Batched decoding (the server's 16 rows) is slower with it, so only batch-1 paths
-    (generate, chat) use it. fp32 only: CPU bf16 matrix-vector products are ~15x slower transposed.
-    A no-op off the CPU; checkpoints are saved contiguous as before.
+    A one-token decode step is a matrix-vector product per weight, bound by reading the weights.
+    llmkit's own kernel (llmkit.kernels) wants them row-major, as they are; without it, BLAS streams an
+    fp32 (out, in) matrix about 1.8x faster laid out as its transpose (SmolLM2-135M, 2 cores: 17 GB/s
+    instead of 10), while CPU bf16 products are ~15x slower transposed. Batched decoding (the server's
+    16 rows) is slower with it, so only batch-1 paths (generate, chat) use it. A no-op off the CPU;
+    checkpoints are saved contiguous as before.
     """
     weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or kernels.available():
         return model
     with torch.no_grad():
         for module in model.modules():

@@ -53,14 +53,20 @@ def test_bf16_model_keeps_an_fp32_cache():
 
 
 @pytest.mark.parametrize("name", ["gpt2-124m", "llama-tiny"])
-def test_decode_layout_keeps_values_and_checkpoints(name, tmp_path):
-    """Column-major weights: same logits (tied head included), and the checkpoint still saves and loads."""
+def test_decode_layout_keeps_values_and_checkpoints(name, tmp_path, monkeypatch):
+    """Column-major weights where PyTorch's BLAS decodes: same logits (tied head included), and the
+    checkpoint still saves and loads. llmkit's own kernel reads them row-major, as they are."""
+    from llmkit import kernels
     from llmkit.checkpoint import load_checkpoint, save_checkpoint
     from llmkit.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     model = GPT(preset(name, n_layer=2, n_head=4, n_kv_head=2 if name == "llama-tiny" else 4, n_embd=64,
                        vocab_size=300, block_size=64)).eval()
+    if kernels.available():
+        decode_layout(model)
+        assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setitem(kernels._state, "loaded", False)
     ids = torch.randint(0, 300, (1, 10))
     with torch.inference_mode():
         before = model(ids)[0]

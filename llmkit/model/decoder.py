@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import (CausalSelfAttention, KVCache, RotaryEmbedding, SinusoidalPositions,
+from llmkit.model.layers import (CausalSelfAttention, KVCache, Linear, RotaryEmbedding, SinusoidalPositions,
                                  half_matmuls_in_float32, make_mlp, make_norm)
 
 
@@ -58,7 +58,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._init_weights()

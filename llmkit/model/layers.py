@@ -13,7 +13,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from llmkit import kernels
 from llmkit.config import ModelConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-row products at inference on the CPU (each step of batch-1 decoding) run
+    through llmkit's matrix-vector kernel, which streams the weight ~1.4x faster than PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.matvec_applies(x, self.weight):
+            return kernels.matvec(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.rms_norm_applies(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -175,9 +188,9 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.layer_idx = layer_idx
         # rows of the fused weight: all q heads, then k heads, then v heads (the fixed interop layout)
-        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
-                             bias=config.qkv_bias)
-        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                          bias=config.qkv_bias)
+        self.proj = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
@@ -200,7 +213,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
             q = q.to(k.dtype)  # a float32 cache beside bf16 weights (CPU): attention runs in float32
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and mask is None and causal and short_cpu_sequence(x):
+        if cache is not None and mask is None and T == 1 and kernels.decode_attention_applies(q, k):
+            y = kernels.decode_attention(q, k, v)
+        elif cache is None and mask is None and causal and short_cpu_sequence(x):
             if H != K:
                 k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
             causal_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -257,8 +272,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.approximate = "none" if config.mlp == "gelu_erf" else "tanh"
 
@@ -272,8 +287,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.gate_up = Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     def forward(self, x):

@@ -1,0 +1,142 @@
+"""CPU kernels for batch-1 decoding (kernels.cpp), compiled on first use and cached on disk.
+
+    from llmkit import kernels
+    if kernels.available():
+        y = kernels.matvec(x, weight, bias)              # one row: weight @ x + bias
+        o = kernels.decode_attention(q, k, v)            # one query per row over the cached keys
+        h = kernels.rms_norm(x, weight, eps)             # llmkit's RMSNorm in one op
+
+Decoding one token reads every weight once, so its speed is how fast the matrix-vector products
+stream the weights from memory, plus the cost of many tiny ops on single rows; kernels.cpp says what
+each kernel gains over PyTorch's own. The model's layers call them through the `*_applies` checks
+(CPU, no autograd, supported dtypes and layouts; one row for matvec and decode_attention), so
+training never sees them. The
+build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU with AVX2 and FMA; it takes
+~15 s once, then the library is reused from ~/.cache/llmkit (or $LLMKIT_CACHE). Where it cannot be
+built, `available()` is False and callers keep PyTorch's kernels: nothing else changes.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20"]
+_state: dict = {}  # "loaded": bool, once the first call has settled it
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CXX"), "c++", "g++") if c and shutil.which(c)), None)
+
+
+def _build_command(compiler: str, output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    abi = int(torch.compiled_with_cxx11_abi())
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = [f"-L{p}" for p in cpp_extension.library_paths()]
+    return [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", str(output),
+            *libs, "-lc10", "-ltorch_cpu"]
+
+
+def _library_path(compiler: str) -> Path:
+    """The built library, named by a hash of everything that goes into it."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join(_build_command(compiler, Path("out"))).encode())
+    key.update(torch.__version__.encode())
+    cache = Path(os.environ.get("LLMKIT_CACHE") or Path.home() / ".cache" / "llmkit")
+    return cache / "kernels" / f"llmkit_kernels_{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str) -> Path:
+    path = _library_path(compiler)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds while the others (pytest workers, a server's threads) wait for its result.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            result = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True)
+            if result.returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
+            os.replace(partial, path)
+    return path
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile, which traces the ops without running them."""
+    @torch.library.register_fake("llmkit::matvec")
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("llmkit::decode_attention")
+    def _(q, k, v, last_slot):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("llmkit::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+
+def available() -> bool:
+    """Whether the kernels are loaded, building them on the first call if need be."""
+    if "loaded" not in _state:
+        _state["loaded"] = False
+        if os.environ.get("LLMKIT_KERNELS", "1") == "0":  # to compare with PyTorch's own kernels
+            return False
+        compiler = _compiler()
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or compiler is None:
+            return False
+        try:
+            torch.ops.load_library(str(_build(compiler)))
+            _register_fakes()
+            _state["loaded"] = True
+        except (OSError, RuntimeError) as err:
+            warnings.warn(f"llmkit's CPU decoding kernels could not be built ({err}); using PyTorch's")
+    return _state["loaded"]
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def matvec_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T is a one-row inference product that `matvec` computes."""
+    return (x.device.type == "cpu" and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+            and x.dtype == weight.dtype and x.dtype in DTYPES and weight.is_contiguous() and available())
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x holding one row; fp32 accumulation, x's dtype out."""
+    return torch.ops.llmkit.matvec(x, weight, bias)
+
+
+def decode_attention_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether attention of q over k is the one-query-per-row CPU inference case `decode_attention` runs."""
+    return (q.device.type == "cpu" and q.shape[2] == 1 and q.dtype == k.dtype == torch.float32
+            and q.shape[-1] % 8 == 0 and k.stride(3) == 1 and not torch.is_grad_enabled() and available())
+
+
+def decode_attention(q, k, v, last_slot: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA for one query per row: q (B, H, 1, D), k/v (B, K, S, D) float32 (K divides H), attending
+    to key slots 0..S-1, or 0..last_slot (a one-element int64 tensor) of a preallocated cache."""
+    return torch.ops.llmkit.decode_attention(q, k, v, last_slot)
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether RMSNorm of x is an inference call on the CPU that `rms_norm` computes."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype
+            and x.dtype in DTYPES and x.is_contiguous() and available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """llmkit.model.layers.RMSNorm's forward (HF Llama's roundings) in one pass over each row. Its
+    eight small PyTorch ops cost ~100 us per call at batch 1, as much as a 576 x 1536 matvec."""
+    return torch.ops.llmkit.rms_norm(x, weight, eps)
