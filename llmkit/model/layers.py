@@ -199,16 +199,14 @@ class CausalSelfAttention(nn.Module):
         mask None, `causal` selects plain causal attention (T == S) or attention to every key."""
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split((H * D, K * D, K * D), dim=-1)
         # (B, T, heads, D) -> (B, heads, T, D): strided views, SDPA reads them without a copy
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, K, D).transpose(1, 2)
-        v = v.view(B, T, K, D).transpose(1, 2)
+        qk, v = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2).split((H + K, K), dim=1)
         if rope is not None:
             cos, sin = rope
             if cos.dim() == 3:  # per-row positions: (B, T, D) -> (B, 1, T, D), broadcast over heads
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass for both
+        q, k = qk.split((H, K), dim=1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
             q = q.to(k.dtype)  # a float32 cache beside bf16 weights (CPU): attention runs in float32
