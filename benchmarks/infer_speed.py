@@ -1,7 +1,7 @@
 """Inference speed: SmolLM2-135M-Instruct, batch 1, llmkit vs transformers on the same weights.
 
     .venv/bin/python benchmarks/infer_speed.py [--prompt-tokens 512] [--new-tokens 128] [--dtypes fp32,bf16]
-                                               [--engines matmul-floor,llmkit,llmkit-compiled,transformers]
+                                               [--engines matmul-floor,llmkit,llmkit-pytorch,llmkit-compiled,transformers]
                                                [--repeats 2] [--threads N]
 
 The embedded GGUF is dequantized once and written as a Hugging Face directory, so both engines load
@@ -14,12 +14,15 @@ peak resident memory (ru_maxrss) it reports is that engine's alone. Per row:
            what an idle core would give, even while other jobs share the machine; the "vs
            transformers" ratio then uses it (with more threads it uses wall time).
 Engines:
-  matmul-floor     not a model: one batch-1 matmul per weight matrix, i.e. all weights streamed from
-                   memory once (in the faster of row- and column-major layout); the decode speed no
-                   implementation of these fp32/bf16 weights beats
-  llmkit           llmkit.model GPT, eager, KV cache from model.new_cache(), weights in
-                   llmkit.fast.decode_layout (column-major: batch-1 matmuls stream them ~1.8x faster)
-  llmkit-compiled  the same model through llmkit.fast.CompiledDecoder (static KV cache, compiled block;
+  matmul-floor     not a model: one batch-1 F.linear per weight matrix, i.e. all weights streamed once
+                   by PyTorch's own matrix-vector kernels (in the faster of row- and column-major
+                   layout): what a model built on PyTorch's matmuls cannot beat
+  llmkit           llmkit.model GPT, eager, KV cache from model.new_cache(), as `llmkit generate` and
+                   `llmkit chat` run it: one-row products, decode attention and RMSNorm through
+                   llmkit.kernels (which stream the weights faster than the floor above)
+  llmkit-pytorch   the same with llmkit.kernels switched off (LLMKIT_KERNELS=0): PyTorch's ops only,
+                   fp32 weights column-major (llmkit.fast.decode_layout)
+  llmkit-compiled  the model through llmkit.fast.CompiledDecoder (static KV cache, compiled block;
                    "warm-up s" includes compiling it)
   transformers     LlamaForCausalLM with its DynamicCache (the path model.generate() takes)
 Reference numbers for this machine class (2 cores): transformers 5.23 decodes ~17.9 tok/s (fp32) and
@@ -181,6 +184,8 @@ def child(args) -> None:
         prefill, decode, tokens, warmup = run_transformers(args.model_dir, dtype, ids, args.new_tokens, args.repeats)
         n_new = args.new_tokens
     else:
+        if args.engine == "llmkit-pytorch":
+            os.environ["LLMKIT_KERNELS"] = "0"
         prefill, decode, tokens, warmup = run_llmkit(args.model_dir, dtype, ids, args.new_tokens, args.repeats,
                                                      compiled=args.engine == "llmkit-compiled")
         n_new = args.new_tokens
@@ -205,7 +210,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--engines", default="matmul-floor,llmkit,llmkit-compiled,transformers")
+    parser.add_argument("--engines", default="matmul-floor,llmkit,llmkit-pytorch,llmkit-compiled,transformers")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads per engine; 1 makes CPU-time tok/s robust to a busy machine")
