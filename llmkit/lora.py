@@ -91,7 +91,7 @@ class LoRALinear(nn.Module):
     def merged(self) -> Linear:
         """A plain Linear holding W + (alpha/rank) B A, sharing no storage with this layer."""
         layer = Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
+                       device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             # Accumulate in float32 so a bf16 base is rounded once, not twice.
             w = self.weight.float() + self.delta_weight().float()
