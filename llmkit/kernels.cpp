@@ -36,6 +36,17 @@ inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// Calls f(T{}) with T the C++ type of dtype: fp32, bf16 or fp16, the types load8 reads.
+template <typename F>
+void dispatch_float_types(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
@@ -92,12 +103,8 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
   at::Tensor y = at::empty(shape, x.options());
-  switch (weight.scalar_type()) {
-    case at::kFloat: matvec_rows<float>(x, weight, bias, y); break;
-    case at::kBFloat16: matvec_rows<c10::BFloat16>(x, weight, bias, y); break;
-    case at::kHalf: matvec_rows<c10::Half>(x, weight, bias, y); break;
-    default: TORCH_CHECK(false, "matvec: unsupported dtype ", weight.scalar_type());
-  }
+  dispatch_float_types(weight.scalar_type(), "matvec",
+                       [&](auto t) { matvec_rows<decltype(t)>(x, weight, bias, y); });
   return y;
 }
 
@@ -130,12 +137,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.numel() == x.size(-1) &&
               x.scalar_type() == weight.scalar_type(), "rms_norm: x must be contiguous (..., C) beside a C weight of its dtype");
   at::Tensor y = at::empty_like(x);
-  switch (x.scalar_type()) {
-    case at::kFloat: rms_norm_rows<float>(x, weight, eps, y); break;
-    case at::kBFloat16: rms_norm_rows<c10::BFloat16>(x, weight, eps, y); break;
-    case at::kHalf: rms_norm_rows<c10::Half>(x, weight, eps, y); break;
-    default: TORCH_CHECK(false, "rms_norm: unsupported dtype ", x.scalar_type());
-  }
+  dispatch_float_types(x.scalar_type(), "rms_norm", [&](auto t) { rms_norm_rows<decltype(t)>(x, weight, eps, y); });
   return y;
 }
 

@@ -10,10 +10,10 @@ Decoding one token reads every weight once, so its speed is how fast the matrix-
 stream the weights from memory, plus the cost of many tiny ops on single rows; kernels.cpp says what
 each kernel gains over PyTorch's own. The model's layers call them through the `*_applies` checks
 (CPU, no autograd, supported dtypes and layouts; one row for matvec and decode_attention), so
-training never sees them. The
-build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU with AVX2 and FMA; it takes
-~15 s once, then the library is reused from ~/.cache/llmkit (or $LLMKIT_CACHE). Where it cannot be
-built, `available()` is False and callers keep PyTorch's kernels: nothing else changes.
+training never sees them. The build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU
+with AVX2 and FMA; it takes ~15 s once, then the library is reused from ~/.cache/llmkit (or
+$LLMKIT_CACHE). Where it cannot be built, `available()` is False and callers keep PyTorch's
+kernels: nothing else changes.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from llmkit.utils import atomic_path
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20"]
@@ -62,12 +64,10 @@ def _build(compiler: str) -> Path:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            result = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True)
-            if result.returncode != 0:
-                partial.unlink(missing_ok=True)
-                raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
-            os.replace(partial, path)
+            with atomic_path(path) as partial:
+                result = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
     return path
 
 
