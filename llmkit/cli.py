@@ -6,6 +6,7 @@ import sys
 import typer
 
 from llmkit.errors import LlmkitError
+from llmkit.utils import check_device, check_output, check_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="llmkit: from raw text to a served chat model.")
@@ -20,6 +21,9 @@ def demo(
     """The main job on embedded defaults: tokenizer, data, training, samples, then a pretrained chat."""
     from llmkit import demo as demo_module
 
+    check_output(out, "dir")
+    if max_steps is not None:
+        check_range("--max-steps", max_steps, 1, integer=True)
     demo_module.run(out, max_steps=max_steps, chat=chat)
 
 
@@ -43,6 +47,7 @@ def train(
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
                                objective=objective)
+    check_output(config.out_dir, "dir", "out_dir")
     if config.objective in ENCODER_OBJECTIVES:
         from llmkit.encoder_train import EncoderTrainer
 
@@ -77,9 +82,10 @@ def eval_(
     """Perplexity on text or a data split; with --mc/--gen also task scores, as a table (or --json)."""
     import json
 
+    if output is not None:
+        check_output(output, "file", "--output")
     if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
         from llmkit.evaluate import evaluate_tasks, results_table
-        from llmkit.utils import atomic_open
 
         if data:
             raise LlmkitError("--data cannot be combined with --mc/--gen; use --text for perplexity")
@@ -93,9 +99,13 @@ def eval_(
         return
 
     from llmkit.evaluate import evaluate_model
+    from llmkit.utils import atomic_open
 
     result = evaluate_model(model, text_file=text, data_dir=data, split=split, batch_size=batch_size,
                             stride=stride, max_tokens=max_tokens, device=device)
+    if output is not None:
+        with atomic_open(output) as f:
+            json.dump(result, f, indent=2)
     if as_json:
         print(json.dumps(result))
     else:
@@ -122,8 +132,6 @@ def generate_cmd(
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print each prompt before its completion"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
-    import torch
-
     from llmkit.fast import decode_layout
     from llmkit.generate import SamplingParams, generate, stream
     from llmkit.models import resolve_model
@@ -134,9 +142,7 @@ def generate_cmd(
         raise LlmkitError(f"--num-samples must be >= 1, got {num_samples}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, tokenizer = resolve_model(model, device=device, dtype=dtype)
+    net, tokenizer = resolve_model(model, device=check_device(device), dtype=dtype)
     if prompt_file is None:
         decode_layout(net)  # one sequence at a time: batch-1 decoding
         for i in range(num_samples):
@@ -179,8 +185,6 @@ def chat_cmd(
                                                     "read per token, so faster decoding"),
 ):
     """Chat with a model: streamed replies, multi-turn history, /reset and /exit."""
-    import torch
-
     from llmkit.chat import ChatSession, chat_loop
     from llmkit.fast import decode_layout
     from llmkit.generate import SamplingParams
@@ -188,9 +192,7 @@ def chat_cmd(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, tokenizer = resolve_model(model, device=device, dtype=dtype)
+    net, tokenizer = resolve_model(model, device=check_device(device), dtype=dtype)
     chat_loop(ChatSession(decode_layout(net), tokenizer, system=system, params=params))
 
 
@@ -203,6 +205,7 @@ def convert_cmd(
     """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory."""
     from llmkit.models import convert
 
+    check_output(dst, "dir", "DST")
     out = convert(src, dst, to=to)
     print(f"wrote {to} model to {out}")
 
@@ -220,7 +223,10 @@ def prepare_cmd(
     from llmkit.data import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
+    check_output(out, "dir")
+    check_range("--val-fraction", val_fraction, 0, 1, high_open=True)
     if tokenizer == "bpe":
+        check_range("--vocab-size", vocab_size, 256, integer=True)
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
         tok = Tokenizer.train_char(iter_texts(inputs))
@@ -246,12 +252,20 @@ def serve_cmd(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
     dtype: str = typer.Option(None, "--dtype", help="decoder weights: float32 (default), bfloat16 or float16"),
+    name: str = typer.Option(None, "--name", help="model id clients send as \"model\" (default: from the path)"),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
     from llmkit.serve import serve
 
+    check_range("--port", port, 1, 65535, integer=True)
+    check_range("--max-batch", max_batch, 1, integer=True)
+    check_range("--max-queue", max_queue, 1, integer=True)
+    if context is not None:
+        check_range("--context", context, 1, integer=True)
+    check_range("--timeout", timeout, 0, low_open=True)
+    check_range("--max-body", max_body, 1, integer=True)
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
-          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype)
+          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype, name=name)
 
 
 def _int_list(value: str | None, what: str) -> list[int] | None:
@@ -280,6 +294,13 @@ def distill_cmd(
     """Train a smaller student to match a teacher's next-token distributions."""
     from llmkit.distill import run_distill
 
+    check_output(out, "dir")
+    check_range("--temperature", temperature, 0, low_open=True)
+    check_range("--alpha", alpha, 0, 1)
+    if top_k is not None:
+        check_range("--top-k", top_k, 1, integer=True)
+    if max_steps is not None:
+        check_range("--max-steps", max_steps, 1, integer=True)
     metrics = run_distill(teacher, student, data, out, overrides or [], temperature=temperature, alpha=alpha,
                           top_k=top_k, max_steps=max_steps, resume=resume)
     if "loss" in metrics:
@@ -298,7 +319,8 @@ def plot_cmd(
     from llmkit.plot import plot_metrics
 
     base = Path(run) if Path(run).is_dir() else Path(run).parent
-    print(f"wrote {plot_metrics(run, out or base / 'metrics.png')}")
+    out = check_output(out or base / "metrics.png", "file")
+    print(f"wrote {plot_metrics(run, out)}")
 
 
 @app.command("attention")
@@ -313,8 +335,10 @@ def attention_cmd(
     from llmkit.models import resolve_model
     from llmkit.plot import attention_png
 
+    check_output(out, "file")
+    layer_list, head_list = _int_list(layers, "--layers"), _int_list(heads, "--heads")
     net, tokenizer = resolve_model(model)
-    print(f"wrote {attention_png(net, tokenizer, text, out, _int_list(layers, '--layers'), _int_list(heads, '--heads'))}")
+    print(f"wrote {attention_png(net, tokenizer, text, out, layer_list, head_list)}")
 
 
 @app.command("embed")
@@ -332,6 +356,10 @@ def embed_cmd(
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
+    if out is not None:
+        check_output(out, "file")
+    check_range("--batch-size", batch_size, 1, integer=True)
+    device = check_device(device)
     texts = read_lines(input_file)
     net, tokenizer = load_encoder(model, device=device)
     vectors = embed_texts(net, tokenizer, texts, batch_size=batch_size)
@@ -378,6 +406,17 @@ def finetune_cmd(
     if (data is None) == (data_option is None):
         raise LlmkitError("give the training data once: as DATA or as --data")
     data = data or data_option
+    if task not in FINETUNE_TASKS:
+        raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
+    check_output(out, "dir")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lora-rank", lora_rank),
+                        ("--block-size", block_size), ("--max-steps", max_steps)):
+        if value is not None:
+            check_range(name, value, 1, integer=True)
+    check_range("--lr", lr, 0, low_open=True)
+    check_range("--lora-alpha", lora_alpha, 0, low_open=True)
+    check_range("--lora-dropout", lora_dropout, 0, 1, high_open=True)
+    device = check_device(device)
     if task == "sft":
         from llmkit.lora import LoRAConfig
         from llmkit.sft_train import run_sft
@@ -413,6 +452,10 @@ def predict_cmd(
     """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
     from llmkit.tasks import format_metrics, run_predict
 
+    if out is not None:
+        check_output(out, "file")
+    check_range("--batch-size", batch_size, 1, integer=True)
+    device = check_device(device)
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)

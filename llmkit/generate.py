@@ -7,6 +7,7 @@ left-pad the prompts, one prefill over all of them, then one token per row per s
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token id per row of (B, V) logits: argmax at temperature 0, else a draw from
     softmax(logits / temperature) restricted by top-k, then top-p (HF's order)."""
+    # One reduction catches NaN (propagates through max), +inf and all -inf rows: softmax turns each
+    # into NaN, which multinomial rejects with a traceback and argmax turns into an arbitrary token.
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        raise LlmkitError("the model produced NaN or infinite logits; its weights may be corrupt "
+                          "(or try float32 instead of float16)")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -194,11 +200,30 @@ def _encode_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -
                 raise LlmkitError(f"prompt {i} is empty and the tokenizer has no BOS/EOS token to start from")
             ids = [start]
         context = model.config.block_size
-        if len(ids) + max_new_tokens > context:
+        if len(ids) >= context and max_new_tokens > 0:
             raise LlmkitError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                               f"{len(ids) + max_new_tokens}, more than the model context of {context} tokens")
         rows.append(ids)
     return rows
+
+
+_CLAMPS_SAID: set = set()
+
+
+def room_for_answer(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """max_new_tokens, lowered to the room the longest prompt leaves in the model's context.
+
+    Small trained models have short contexts (a 64-token block), shorter than the default answer
+    length: generate what fits instead of refusing, and say so once per setting."""
+    room = model.config.block_size - max((len(ids) for ids in prompt_ids), default=0)
+    if max_new_tokens <= room:
+        return max_new_tokens
+    if (model.config.block_size, max_new_tokens) not in _CLAMPS_SAID:
+        _CLAMPS_SAID.add((model.config.block_size, max_new_tokens))
+        logging.getLogger("llmkit").warning(
+            "note: max_new_tokens=%d does not fit the model's context of %d tokens after the prompt; "
+            "generating at most %d", max_new_tokens, model.config.block_size, room)
+    return room
 
 
 def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -> Iterator[tuple[int, str]]:
@@ -208,10 +233,11 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -
     pieces runs with autograd as it expects."""
     prompt_ids = _encode_prompts(model, tokenizer, prompts, params.max_new_tokens)
     rows = [Completion(tokenizer, ids, params.stop, tokenizer.stop_ids) for ids in prompt_ids]
-    if params.max_new_tokens == 0:
+    N = room_for_answer(model, prompt_ids, params.max_new_tokens)
+    if N == 0:
         return
     device = next(model.parameters()).device
-    B, N = len(rows), params.max_new_tokens
+    B = len(rows)
     lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)
     P = int(lengths.max())
     padded = bool((lengths != P).any())

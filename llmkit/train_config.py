@@ -18,6 +18,7 @@ from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import ENCODER_PRESETS, EncoderConfig
 from llmkit.objectives import ENCODER_OBJECTIVES
+from llmkit.utils import check_device, check_field_types, check_range
 
 
 @dataclass
@@ -32,8 +33,8 @@ class TrainConfig:
     max_steps: int = 2000
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 100
-    lr_decay_steps: int = 2000         # cosine reaches min_lr here and stays there
+    warmup_steps: int | None = None    # None: max_steps // 20 (100 for the default 2000 steps)
+    lr_decay_steps: int | None = None  # cosine reaches min_lr here and stays there; None: max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -53,10 +54,15 @@ class TrainConfig:
     progress: bool = True              # tqdm bar on stderr (rank 0 only)
 
     def __post_init__(self):
+        check_field_types(self, "training config")
+        # The schedule follows the run's length unless set: a 100-step run is not all warmup.
+        if self.warmup_steps is None:
+            self.warmup_steps = self.max_steps // 20
+        if self.lr_decay_steps is None:
+            self.lr_decay_steps = self.max_steps
+        self._check_ranges()
         checks = [
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} (float32, bfloat16, float16)"),
-            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-             f"device {self.device!r} (auto, cpu, cuda)"),
             (self.preset in PRESETS or self.preset in ENCODER_PRESETS,
              f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS])}"),
             (min(self.batch_size, self.block_size, self.grad_accum) > 0,
@@ -73,6 +79,23 @@ class TrainConfig:
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(model_class)})
         if unknown:
             raise LlmkitError(f"unknown model config keys: {', '.join(unknown)}")
+
+    def _check_ranges(self) -> None:
+        for name in ("weight_decay", "grad_clip", "min_lr"):
+            check_range(name, getattr(self, name), 0)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("beta1", self.beta1, 0, 1, high_open=True)
+        check_range("beta2", self.beta2, 0, 1, high_open=True)
+        if self.threads is not None:
+            check_range("threads", self.threads, 1)
+        if self.peak_flops is not None:
+            check_range("peak_flops", self.peak_flops, 0, low_open=True)
+        check_range("lr_decay_steps", self.lr_decay_steps, 0)
+        device, _, index = self.device.partition(":")
+        if device not in ("auto", "cpu", "cuda") or (index and (device != "cuda" or not index.isdigit())):
+            raise LlmkitError(f"bad training config: device {self.device!r} (auto, cpu, cuda, cuda:N)")
+        if device == "cuda":
+            check_device(self.device, "device")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
