@@ -461,15 +461,34 @@ def predict_cmd(
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
 
 
-def main() -> None:
+def _one_line(message: str) -> str:
+    return " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; every user error ends as one `error: ...` line on stderr, exit status 1
+    (2 for a malformed command line), never a traceback."""
+    from typer._click import exceptions as click  # typer >= 0.26 raises its own vendored click's errors
+
     try:
-        app()
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(code) comes back as its code
+    except click.NoArgsIsHelpError as e:
+        e.show()  # a bare `llmkit` or `llmkit train`-like call: the help is the answer
+        sys.exit(2)
+    except click.ClickException as e:  # typer/click usage errors would print a multi-line box
+        where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        print(f"error: {_one_line(e.format_message())}{where}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except LlmkitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ class TrainConfig:
             self.warmup_steps = self.max_steps // 20
         if self.lr_decay_steps is None:
             self.lr_decay_steps = self.max_steps
-        self._check_ranges()
         checks = [
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} (float32, bfloat16, float16)"),
             (self.preset in PRESETS or self.preset in ENCODER_PRESETS,
@@ -75,6 +74,7 @@ class TrainConfig:
         for ok, what in checks:
             if not ok:
                 raise LlmkitError(f"bad training config: {what}")
+        self._check_ranges()
         model_class = EncoderConfig if self.objective in ENCODER_OBJECTIVES else ModelConfig
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(model_class)})
         if unknown:

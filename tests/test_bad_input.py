@@ -1,0 +1,252 @@
+"""Every command against bad input, as a hostile new user would try it: each case must exit
+non-zero with exactly one `error: ...` line on stderr (no traceback), say what is wrong, and leave
+no file behind. Runs in-process (a subprocess per case would cost seconds each)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from badinputkit import (edited_copy, hf_dir_with_index, nan_model_dir, tiny_model, tiny_tokenizer, tree,
+                         write_gguf)
+from llmkit.checkpoint import save_checkpoint
+from llmkit.cli import main
+from trainkit import make_data_dir
+
+NO_DIR = "/proc/llmkit-cannot-write"  # /proc refuses new entries, even to root
+
+# (command line with {placeholders}, text the one-line message must contain)
+CASES = {
+    "prepare": [
+        ("prepare {text} --out {text}/sub", "is not a directory"),
+        ("prepare {text} --out {text}", "is a file, not a directory"),
+        (f"prepare {{text}} --out {NO_DIR}/data", "not writable"),
+        ("prepare {text} --out data --val-fraction 1.5", "--val-fraction must be a number in [0, 1)"),
+        ("prepare {text} --out data --val-fraction nan", "--val-fraction"),
+        ("prepare {text} --out data --vocab-size 0", "--vocab-size must be an integer >= 256"),
+        ("prepare nosuch.txt --out data", "nosuch.txt"),
+        ("prepare {text} --out data --tokenizer nosuch.json", "nosuch.json"),
+        ("prepare {badjsonl} --out data", "malformed JSON"),
+    ],
+    "train": [
+        ("train --data {data} --out {text}/run", "is not a directory"),
+        ("train --data {data} --out {text}", "is a file, not a directory"),
+        ("train --data {data} --out run model.n_head=0", "n_head must be a number >= 1"),
+        ("train --data {data} --out run model.n_kv_head=-2", "n_kv_head must be a number >= 1"),
+        ("train --data {data} --out run model.n_layer=-1", "n_layer must be a number >= 1"),
+        ("train --data {data} --out run model.dropout=1.5", "dropout must be a number in [0, 1)"),
+        ("train --data {data} --out run beta1=1.0", "beta1 must be a number in [0, 1)"),
+        ("train --data {data} --out run beta2=-0.1", "beta2 must be a number in [0, 1)"),
+        ("train --data {data} --out run threads=-2", "threads must be a number >= 1"),
+        ("train --data {data} --out run model.n_layer=four", "is not a int"),
+        ("train {yaml_model_list} --data {data} --out run", "'model' must be a mapping"),
+        ("train --data {data} --out run device=foo", "device 'foo'"),
+        ("train --data {data} --out run device=cuda", "no CUDA GPU"),
+        ("train --data {data} --out run --preset nosuch", "choose from char-tiny"),
+        ("train --data nosuch --out run", "nosuch"),
+        ("train --data {data} --out run lr=-1", "lr=-1.0"),
+        ("train --data {data} --out run lr=0 min_lr=0", "lr must be a number > 0"),
+        ("train --data {data} --out run batch_size=0", "batch_size"),
+        ("train --data {data} --out run nosuch=1", "unknown training config key 'nosuch'"),
+        ("train --data {data} --out run --max-steps -1", "max_steps"),
+    ],
+    "eval": [
+        ("eval --model {model} --text {text} --batch-size 0", "--batch-size must be an integer >= 1"),
+        ("eval --model {model} --text {text} --batch-size -3", "--batch-size must be an integer >= 1"),
+        ("eval --model {model} --text {text} --max-tokens -5", "--max-tokens must be an integer >= 1"),
+        ("eval --model {model} --text {text} --max-tokens 0", "--max-tokens must be an integer >= 1"),
+        ("eval --model {model} --text {text} --stride 0", "--stride must be an integer >= 1"),
+        ("eval --model {model} --data {data} --stride -1", "--stride must be an integer >= 1"),
+        ("eval --model {model} --text {text} --output {root}", "is a directory"),
+        ("eval --model {model} --text {text} --output {text}/out.json", "is not a directory"),
+        (f"eval --model {{model}} --text {{text}} --output {NO_DIR}/r.json", "not writable"),
+        ("eval --model {model} --mc {text} --output {root}", "is a directory"),
+        ("eval --model {model} --text {text} --device foo", "--device 'foo' is not a device"),
+        ("eval --model {model} --text {text} --device cuda", "no CUDA GPU"),
+        ("eval --model nosuch --text {text}", "no such model 'nosuch'"),
+        ("eval --model {model_str_layers} --text {text}", "n_layer must be int, got '4'"),
+        ("eval --model {model} --text {text} --data {data}", "exactly one of --text FILE or --data DIR"),
+        ("eval --model {model} --text nosuch.txt", "cannot read text file nosuch.txt"),
+    ],
+    "generate": [
+        ("generate hi --model {model} --temperature -1", "temperature must be >= 0"),
+        ("generate hi --model {model} --top-p 0", "top_p must be in (0, 1]"),
+        ("generate hi --model {model} --top-p 1.5", "top_p must be in (0, 1]"),
+        ("generate hi --model {model} --top-k 0", "top_k must be >= 1"),
+        ("generate hi --model {model} --max-new-tokens -1", "max_new_tokens must be an integer >= 0"),
+        ("generate hi --model {model} --repetition-penalty 0", "repetition_penalty must be > 0"),
+        ("generate hi --model {model} --num-samples 0", "--num-samples must be >= 1"),
+        ("generate hi --model {model} --device foo", "--device 'foo' is not a device"),
+        ("generate hi --model {model} --device cuda:3", "no CUDA GPU"),
+        ("generate hi --model {model} --dtype float8", "unknown dtype 'float8'"),
+        ("generate hi --model {model_heads0}", "n_head must be a number >= 1"),
+        ("generate hi --model {model_kv0}", "n_kv_head must be a number >= 1"),
+        ("generate hi --model {model_dropout}", "dropout must be a number in [0, 1)"),
+        ("generate hi --model {model_nondict}", "model config must be a mapping"),
+        ("generate hi --model {model_bool_layers}", "n_layer must be int, got True"),
+        ("generate hi --model {gguf_align0}", "general.alignment must be a positive integer"),
+        ("generate hi --model {gguf_heads0}", "llama.attention.head_count must be a positive integer"),
+        ("generate hi --model {gguf_str_number}", "llama.block_count must be a positive integer, got 'two'"),
+        ("generate hi --model {hf_index_list}", "\"weight_map\" must be a non-empty mapping"),
+        ("generate hi --model {hf_index_abs}", "is not a file name inside"),
+        ("generate hi --model {hf_index_dotdot}", "is not a file name inside"),
+        ("generate hi --model {nan_model} --seed 0", "NaN or infinite logits"),
+        ("generate hi --model {nan_model} --temperature 0", "NaN or infinite logits"),
+        ("generate --model {model}", "give either a PROMPT or --prompt-file"),
+        ("generate hi --model {model} --prompt-file {text}", "give either a PROMPT or --prompt-file"),
+        ("generate --model {model} --prompt-file {empty}", "has no prompts"),
+    ],
+    "chat": [
+        ("chat --model {model} --top-p 2", "top_p must be in (0, 1]"),
+        ("chat --model {model} --device cuda", "no CUDA GPU"),
+        ("chat --model {model} --max-new-tokens -3", "max_new_tokens must be an integer >= 0"),
+    ],
+    "convert": [
+        ("convert {model} {text}", "is a file, not a directory"),
+        ("convert {model} {text}/out", "is not a directory"),
+        (f"convert {{model}} {NO_DIR}/out", "not writable"),
+        ("convert {model} out --to onnx", "unknown target format 'onnx'"),
+        ("convert {model} {model}", "the destination is the source"),
+        ("convert {gguf_heads0} out", "head_count must be a positive integer"),
+    ],
+    "serve": [
+        ("serve --model {model} --port 99999", "--port must be an integer in [1, 65535]"),
+        ("serve --model {model} --port 0", "--port must be an integer in [1, 65535]"),
+        ("serve --model {model} --context -5", "--context must be an integer >= 1"),
+        ("serve --model {model} --timeout -1", "--timeout must be a number > 0"),
+        ("serve --model {model} --timeout nan", "--timeout must be a number > 0"),
+        ("serve --model {model} --max-body -1", "--max-body must be an integer >= 1"),
+        ("serve --model {model} --max-batch 0", "--max-batch must be an integer >= 1"),
+        ("serve --model {model} --port abc", "Invalid value for '--port'"),
+        ("serve --model {model} --name ' '", "--name"),
+        ("serve --model nosuch", "no such model 'nosuch'"),
+    ],
+    "distill": [
+        ("distill --teacher {model} --student nosuch --data {data} --out st", "choose from char-tiny"),
+        ("distill --teacher {model} --student char-tiny --data {data} --out st --alpha 1.5",
+         "--alpha must be a number in [0, 1]"),
+        ("distill --teacher {model} --student char-tiny --data {data} --out st --temperature 0",
+         "--temperature must be a number > 0"),
+        ("distill --teacher {model} --student char-tiny --data {data} --out {text}", "is a file"),
+    ],
+    "plot": [
+        ("plot {metrics} --out {root}", "is a directory"),
+        ("plot {metrics} --out {text}/p.png", "is not a directory"),
+        ("plot nosuch", "nosuch"),
+    ],
+    "attention": [
+        ("attention hi --model {model} --out {root}", "is a directory"),
+        ("attention hi --model {model} --out {text}/a.png", "is not a directory"),
+        ("attention hi --model {model} --layers x", "--layers must be comma-separated integers"),
+        ("attention hi --model {model} --layers 99", "layer 99 does not exist"),
+    ],
+    "embed": [
+        ("embed {text} --out {root}/e.txt", "must end in .jsonl or .npy"),
+        ("embed {text} --out {text}/e.jsonl", "is not a directory"),
+        ("embed {text} --batch-size 0", "--batch-size must be an integer >= 1"),
+        ("embed {text} --device foo", "--device 'foo' is not a device"),
+        ("embed nosuch.txt --model {model}", "nosuch.txt"),
+    ],
+    "finetune": [
+        ("finetune {labels} --task nosuch --model m --out ft", "unknown --task 'nosuch'"),
+        ("finetune {labels} --task classify --model m --out {text}", "is a file"),
+        ("finetune {labels} --task classify --model m --out ft --epochs 0", "--epochs must be an integer >= 1"),
+        ("finetune {labels} --task classify --model m --out ft --lr -1", "--lr must be a number > 0"),
+        ("finetune {labels} --task sft --model m --out ft --lora --lora-dropout 1.5", "--lora-dropout"),
+        ("finetune --task classify --model m --out ft", "give the training data once"),
+    ],
+    "predict": [
+        ("predict {labels} --model {model} --batch-size 0", "--batch-size must be an integer >= 1"),
+        ("predict {labels} --model {model} --out {root}", "is a directory"),
+        ("predict {labels} --model {model} --device cuda", "no CUDA GPU"),
+    ],
+    "demo": [
+        ("demo --out {text}", "is a file, not a directory"),
+        ("demo --max-steps 0", "--max-steps must be an integer >= 1"),
+    ],
+}
+TABLE = [(cmd, line, expected) for cmd, cases in CASES.items() for line, expected in cases]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Placeholders -> paths, all under one root the tests snapshot."""
+    root = tmp_path_factory.mktemp("bad")
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    paths = {"root": root, "model": save_checkpoint(root / "model", model, tok), "data": make_data_dir(root)}
+    edits = {"model_heads0": lambda m: {**m, "model": {**m["model"], "n_head": 0}},
+             "model_kv0": lambda m: {**m, "model": {**m["model"], "n_kv_head": 0}},
+             "model_dropout": lambda m: {**m, "model": {**m["model"], "dropout": 2.0}},
+             "model_str_layers": lambda m: {**m, "model": {**m["model"], "n_layer": "4"}},
+             "model_bool_layers": lambda m: {**m, "model": {**m["model"], "n_layer": True}},
+             "model_nondict": lambda m: {**m, "model": [1, 2]}}
+    for name, edit in edits.items():
+        paths[name] = edited_copy(paths["model"], root / name, edit)
+    paths["nan_model"] = nan_model_dir(tok, root / "nan_model")
+    paths["gguf_align0"] = write_gguf(root / "align0.gguf", model, tok, {"general.alignment": 0})
+    paths["gguf_heads0"] = write_gguf(root / "heads0.gguf", model, tok, {"llama.attention.head_count": 0})
+    paths["gguf_str_number"] = write_gguf(root / "str.gguf", model, tok, {"llama.block_count": "two"})
+    shard = "model-00001-of-00001.safetensors"
+    paths["hf_index_list"] = hf_dir_with_index(model, tok, root / "hf_list", [shard])
+    paths["hf_index_abs"] = hf_dir_with_index(model, tok, root / "hf_abs", {"embed": "/etc/hostname"})
+    paths["hf_index_dotdot"] = hf_dir_with_index(model, tok, root / "hf_up", {"embed": f"../hf_abs/{shard}"})
+    paths["text"] = root / "text.txt"
+    paths["text"].write_text("hello world\nsecond line\n")
+    paths["empty"] = root / "empty.txt"
+    paths["empty"].write_text("\n  \n")
+    paths["badjsonl"] = root / "bad.jsonl"
+    paths["badjsonl"].write_text('{"text": "ok"}\n{"text": \n')
+    paths["labels"] = root / "labels.jsonl"
+    paths["labels"].write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n" for i in range(8)))
+    paths["yaml_model_list"] = root / "model_list.yaml"
+    paths["yaml_model_list"].write_text("model: [1, 2]\n")
+    paths["metrics"] = root / "run"
+    paths["metrics"].mkdir()
+    (paths["metrics"] / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    return paths
+
+
+@pytest.mark.parametrize("command,line,expected", TABLE, ids=[f"{c}:{i}" for i, (c, _, _) in enumerate(TABLE)])
+def test_bad_input_fails_on_one_line_and_leaves_nothing(command, line, expected, files, tmp_path, monkeypatch,
+                                                         capsys):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)  # relative outputs (run, data, attention.png) would land here
+    argv = shlex.split(line.format(**{k: str(v) for k, v in files.items()}))
+    before, before_cwd = tree(files["root"]), tree(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code not in (0, None), out
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err + out
+    assert expected in err, err
+    assert tree(files["root"]) == before and tree(tmp_path) == before_cwd, "a failed command left files behind"
+
+
+def test_the_table_covers_every_command_with_sixty_cases():
+    from llmkit.cli import app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert commands == set(CASES), commands ^ set(CASES)
+    assert len(TABLE) >= 60
+
+
+def test_usage_errors_and_bare_commands_never_print_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No such option: --nope") and err.count("\n") == 1
+
+
+def test_output_check_leaves_an_existing_tree_alone(tmp_path):
+    from llmkit.utils import check_output
+
+    (tmp_path / "sub").mkdir()
+    assert check_output(tmp_path / "sub" / "new" / "deeper", "dir").name == "deeper"
+    assert not (tmp_path / "sub" / "new").exists()  # checked, not created
+    assert list((tmp_path / "sub").iterdir()) == []  # the write probe is gone
+    shutil.rmtree(tmp_path / "sub")
