@@ -15,6 +15,9 @@ from llmkit.errors import LlmkitError
 from llmkit.utils import check_field_types, check_range
 
 
+MAX_CONTEXT = 1 << 20  # tokens; far beyond any context llmkit can run, far below a corrupt value
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50304
@@ -40,6 +43,8 @@ class ModelConfig:
         check_field_types(self, "model config")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             check_range(f"model config {name}", getattr(self, name), 1)
+        # Position tables are allocated up front: a corrupt 2**40 would exhaust memory, not fail.
+        check_range("model config block_size", self.block_size, 1, MAX_CONTEXT)
         for name in ("n_kv_head", "head_dim", "intermediate_size"):
             if getattr(self, name) is not None:
                 check_range(f"model config {name}", getattr(self, name), 1)

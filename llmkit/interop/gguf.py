@@ -171,6 +171,13 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if "token_embd.weight" not in g.tensors:
         raise LlmkitError(f"{g.path}: tensor token_embd.weight is missing")
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    # Sizes must agree with the tensors (whose extents the file's length bounds) before any are
+    # allocated: a crafted block_count or embedding_length would otherwise ask for terabytes.
+    layers = {name.split(".")[1] for name in g.tensors if name.startswith("blk.")}
+    if g.tensors["token_embd.weight"].shape[-1] != n_embd or len(layers) != get("block_count"):
+        raise LlmkitError(f"{g.path}: metadata (embedding_length {n_embd}, block_count {get('block_count')}) "
+                          f"does not match the tensors ({len(layers)} blocks of width "
+                          f"{g.tensors['token_embd.weight'].shape[-1]})")
     head_dim = get("attention.key_length", n_embd // n_head)
     if get("rope.dimension_count", head_dim) != head_dim:
         raise LlmkitError(f"{g.path}: partial rotary embeddings are not supported")
