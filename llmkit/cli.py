@@ -82,6 +82,8 @@ def eval_(
     """Perplexity on text or a data split; with --mc/--gen also task scores, as a table (or --json)."""
     import json
 
+    from llmkit.utils import atomic_open
+
     if output is not None:
         check_output(output, "file", "--output")
     if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
@@ -99,7 +101,6 @@ def eval_(
         return
 
     from llmkit.evaluate import evaluate_model
-    from llmkit.utils import atomic_open
 
     result = evaluate_model(model, text_file=text, data_dir=data, split=split, batch_size=batch_size,
                             stride=stride, max_tokens=max_tokens, device=device)

@@ -11,7 +11,7 @@ from llmkit.encoders import length_sorted_batches, pad_batch, tokenize
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder
 from llmkit.tokenizer import Tokenizer
-from llmkit.utils import atomic_open, atomic_path
+from llmkit.utils import atomic_open, atomic_path, progress
 
 OUTPUT_FORMATS = (".jsonl", ".npy")
 
@@ -33,7 +33,8 @@ def embed_texts(model: Encoder, tokenizer: Tokenizer, texts: list[str], batch_si
     encodings = tokenize(tokenizer, [t.strip() for t in texts])
     device = next(model.parameters()).device
     out = torch.empty((len(texts), model.config.n_embd), dtype=torch.float32)
-    for idx in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
+    batches = length_sorted_batches([len(e.ids) for e in encodings], batch_size)
+    for idx in progress(batches, desc="embed", unit="batch"):
         ids, mask = pad_batch([encodings[i].ids for i in idx], model.config.pad_token_id)
         emb = model.embed_sentences(ids.to(device), mask.to(device))
         out[torch.as_tensor(idx)] = emb.float().cpu()

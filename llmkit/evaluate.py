@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
+from llmkit.utils import progress
 
 IGNORE = -100
 
@@ -73,7 +74,7 @@ def perplexity(model: torch.nn.Module, tokens_or_text, tokenizer=None, block_siz
     total, count = 0.0, 0
     spans = windows(len(tokens), block_size, stride)
     try:
-        for i in range(0, len(spans), batch_size):
+        for i in progress(range(0, len(spans), batch_size), desc="perplexity", unit="batch"):
             chunk = spans[i:i + batch_size]
             x = torch.zeros(len(chunk), block_size, dtype=torch.long)
             y = torch.full((len(chunk), block_size), IGNORE, dtype=torch.long)
@@ -117,7 +118,7 @@ def loglikelihood(model: torch.nn.Module, requests: Sequence[tuple[Sequence[int]
     model.eval()
     results: list[tuple[float, bool]] = []
     try:
-        for i in range(0, len(rows), batch_size):
+        for i in progress(range(0, len(rows), batch_size), desc="multiple choice", unit="batch"):
             chunk = rows[i:i + batch_size]
             width = max(len(seq) - 1 for seq, _ in chunk)
             x = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -302,7 +303,7 @@ def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, ba
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     prompts = [_question_prompt(tokenizer, it["prompt"], True) if chat else it["prompt"] for it in items]
     outputs = []
-    for i in range(0, len(prompts), batch_size):
+    for i in progress(range(0, len(prompts), batch_size), desc="generation", unit="batch"):
         outputs += generate(model, tokenizer, prompts[i:i + batch_size], params)
     outputs = [o.strip() for o in outputs]
     metrics = text_metrics(outputs, [it["references"] for it in items])

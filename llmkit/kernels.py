@@ -13,8 +13,8 @@ each kernel gains over PyTorch's own. The model's layers call them through the `
 training never sees them. The build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU
 with AVX2 and FMA; it takes ~15 s once, then the library is reused from ~/.cache/llmkit (or
 $LLMKIT_CACHE), after checking it against the SHA-256 recorded when it was built (a changed file
-is rebuilt) and that no other user can write to that folder. Where it cannot be built, `available()` is False and callers keep PyTorch's
-kernels: nothing else changes.
+is rebuilt) and that no other user can write to that folder. Where it cannot be built,
+`available()` is False and callers keep PyTorch's kernels: nothing else changes.
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from llmkit.errors import LlmkitError
 from llmkit.metrics import accuracy, entity_scores, macro_f1
 from llmkit.model.encoder import Encoder, with_head
 from llmkit.tokenizer import Tokenizer
+from llmkit.utils import progress
 
 FIELDS = {"classify": ("text", "label"), "tag": ("tokens", "tags")}
 
@@ -245,7 +246,7 @@ def finetune(base: str, train_path, out_dir, task: str, val_path=None, config: F
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(len(features), generator=gen).tolist()
         running = 0.0
-        for b in range(0, len(order), cfg.batch_size):
+        for b in progress(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", unit="batch"):
             # linear warmup, then linear decay to zero at the last step
             ramp = (step + 1) / warmup if step < warmup else (total - step) / max(1, total - warmup)
             set_lr(optimizer, cfg.lr * ramp)

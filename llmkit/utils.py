@@ -182,3 +182,16 @@ def check_field_types(instance, what: str) -> None:
         if not ok:
             names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed).replace("NoneType", "null")
             raise LlmkitError(f"{what} {field.name} must be {names}, got {value!r}")
+
+
+def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs):
+    """A tqdm bar on stderr for a long job. Shown on a terminal only (logs and pipes stay clean);
+    LLMKIT_PROGRESS=1 shows it anyway, LLMKIT_PROGRESS=0 never."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    setting = os.environ.get("LLMKIT_PROGRESS", "")
+    disable = {"1": False, "0": True}.get(setting, not sys.stderr.isatty())
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable, leave=False,
+                dynamic_ncols=True, **kwargs)

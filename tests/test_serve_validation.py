@@ -9,7 +9,6 @@ from fastapi.testclient import TestClient
 from badinputkit import tiny_model, tiny_tokenizer
 from llmkit.checkpoint import save_checkpoint
 from llmkit.serve import build_app, create_app, served_name
-from llmkit.serve.engine import Engine
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -24,6 +24,7 @@ from gguf.quants import dequantize
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.interop import build_model, fuse_llama_layer
+from llmkit.utils import progress
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
@@ -227,7 +228,7 @@ def gguf_state_dict(g: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]
     state = {"embed.weight": take("token_embd.weight"), "final_norm.weight": take("output_norm.weight")}
     if not config.tie_embeddings:
         state["lm_head.weight"] = take("output.weight")
-    for i in range(config.n_layer):
+    for i in progress(range(config.n_layer), desc="dequantize", unit="layer"):
         p = f"blk.{i}."
 
         def qkv(kind, fetch):

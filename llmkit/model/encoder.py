@@ -56,7 +56,8 @@ class EncoderConfig:
             (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
             (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
             (0 <= self.pad_token_id < self.vocab_size, f"pad_token_id={self.pad_token_id} is outside the vocab"),
-            (0 <= self.position_offset < self.max_position, f"position_offset={self.position_offset} leaves no positions"),
+            (0 <= self.position_offset < self.max_position,
+             f"position_offset={self.position_offset} leaves no positions"),
         ]
         for ok, message in checks:
             if not ok:
