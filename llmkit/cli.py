@@ -6,13 +6,14 @@ import sys
 import typer
 
 from llmkit.errors import LlmkitError
+from llmkit.cli_help import DECODER_PRESETS, ENCODER_PRESETS, epilog
 from llmkit.utils import check_device, check_output, check_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="llmkit: from raw text to a served chat model.")
 
 
-@app.command()
+@app.command(epilog=epilog("demo"))
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="where the corpus, data and model go"),
     max_steps: int = typer.Option(None, "--max-steps", help="training steps (default: about two minutes)"),
@@ -27,14 +28,15 @@ def demo(
     demo_module.run(out, max_steps=max_steps, chat=chat)
 
 
-@app.command(context_settings={"allow_interspersed_args": True})
+@app.command(context_settings={"allow_interspersed_args": True}, epilog=epilog("train"))
 def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
                                      help="optional YAML config, then overrides like lr=3e-4 model.n_layer=6"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in out_dir"),
     data: str = typer.Option(None, "--data", help="prepared data dir (data_dir=...)"),
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
-    preset: str = typer.Option(None, "--preset", help="model preset name"),
+    preset: str = typer.Option(None, "--preset", help=f"model preset: {', '.join(DECODER_PRESETS)} (decoders); "
+                                                      f"{', '.join(ENCODER_PRESETS)} (encoders)"),
     max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps to train for"),
     objective: str = typer.Option(None, "--objective", help="causal (default), mlm or contrastive (encoders)"),
     base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
@@ -62,7 +64,7 @@ def train(
         print(f"step {metrics['step']}: loss {metrics['loss']:.4f}{val}; model saved to {config.out_dir}")
 
 
-@app.command("eval")
+@app.command("eval", epilog=epilog("eval"))
 def eval_(
     model: str = typer.Option(..., "--model", help="model dir (config.json + model.safetensors)"),
     text: str = typer.Option(None, "--text", help="plain-text file to score"),
@@ -114,7 +116,7 @@ def eval_(
               f"({result['tokens']} tokens)")
 
 
-@app.command("generate")
+@app.command("generate", epilog=epilog("generate"))
 def generate_cmd(
     prompt: str = typer.Argument(None, help="text to continue (or use --prompt-file)"),
     model: str = typer.Option(..., "--model", help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
@@ -170,7 +172,7 @@ def generate_cmd(
         print((p if echo else "") + completion)
 
 
-@app.command("chat")
+@app.command("chat", epilog=epilog("chat"))
 def chat_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
                               help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
@@ -197,7 +199,7 @@ def chat_cmd(
     chat_loop(ChatSession(decode_layout(net), tokenizer, system=system, params=params))
 
 
-@app.command("convert")
+@app.command("convert", epilog=epilog("convert"))
 def convert_cmd(
     src: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
     dst: str = typer.Argument(..., help="output directory"),
@@ -211,7 +213,7 @@ def convert_cmd(
     print(f"wrote {to} model to {out}")
 
 
-@app.command("prepare")
+@app.command("prepare", epilog=epilog("prepare"))
 def prepare_cmd(
     inputs: list[str] = typer.Argument(..., help=".txt / .jsonl files or directories of them"),
     out: str = typer.Option(..., "--out", help="output data directory"),
@@ -238,7 +240,7 @@ def prepare_cmd(
           f"tokens ({meta['dtype']}, vocab {meta['vocab_size']}) in {out}")
 
 
-@app.command("serve")
+@app.command("serve", epilog=epilog("serve"))
 def serve_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
                               help="decoder (llmkit/HF dir, .gguf, short name) or an encoder for embeddings"),
@@ -279,11 +281,12 @@ def _int_list(value: str | None, what: str) -> list[int] | None:
         raise LlmkitError(f"{what} must be comma-separated integers or 'all', got {value!r}") from None
 
 
-@app.command("distill", context_settings={"allow_interspersed_args": True})
+@app.command("distill", context_settings={"allow_interspersed_args": True}, epilog=epilog("distill"))
 def distill_cmd(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="training settings, e.g. lr=1e-3"),
     teacher: str = typer.Option(..., "--teacher", help="teacher: llmkit/HF dir, .gguf, or a short name"),
-    student: str = typer.Option(..., "--student", help="student: a preset name (from scratch) or a model dir"),
+    student: str = typer.Option(..., "--student", help=f"student: a preset ({', '.join(DECODER_PRESETS)}), "
+                                                        "trained from scratch, or a model dir"),
     data: str = typer.Option(..., "--data", help="prepared data dir, tokenized with the teacher's tokenizer"),
     out: str = typer.Option("runs/distill", "--out", help="output model dir"),
     temperature: float = typer.Option(2.0, "--temperature", help="softening of both distributions"),
@@ -309,7 +312,7 @@ def distill_cmd(
         print(f"step {metrics['step']}: loss {metrics['loss']:.4f}{val}; student saved to {out}")
 
 
-@app.command("plot")
+@app.command("plot", epilog=epilog("plot"))
 def plot_cmd(
     run: str = typer.Argument(..., help="run directory (with metrics.jsonl) or a metrics.jsonl file"),
     out: str = typer.Option(None, "--out", help="PNG to write (default: metrics.png beside the metrics)"),
@@ -324,7 +327,7 @@ def plot_cmd(
     print(f"wrote {plot_metrics(run, out)}")
 
 
-@app.command("attention")
+@app.command("attention", epilog=epilog("attention"))
 def attention_cmd(
     text: str = typer.Argument(..., help="text whose attention to draw"),
     model: str = typer.Option(..., "--model", help="llmkit/HF dir, .gguf, or a short name"),
@@ -342,7 +345,7 @@ def attention_cmd(
     print(f"wrote {attention_png(net, tokenizer, text, out, layer_list, head_list)}")
 
 
-@app.command("embed")
+@app.command("embed", epilog=epilog("embed"))
 def embed_cmd(
     input_file: str = typer.Argument(..., metavar="FILE", help="text file, one sentence per line"),
     model: str = typer.Option("all-minilm-l6-v2", "--model",
@@ -376,7 +379,7 @@ FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
-@app.command("finetune")
+@app.command("finetune", epilog=epilog("finetune"))
 def finetune_cmd(
     data: str = typer.Argument(None, help="training data (JSONL; format depends on --task), or --data"),
     data_option: str = typer.Option(None, "--data", help="the training data, as an option"),
@@ -441,7 +444,7 @@ def finetune_cmd(
     raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
 
 
-@app.command("predict")
+@app.command("predict", epilog=epilog("predict"))
 def predict_cmd(
     input_file: str = typer.Argument(..., metavar="FILE",
                                      help="JSONL ({text} or {tokens}, gold label/tags optional) or .txt lines"),

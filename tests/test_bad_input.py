@@ -250,3 +250,28 @@ def test_output_check_leaves_an_existing_tree_alone(tmp_path):
     assert not (tmp_path / "sub" / "new").exists()  # checked, not created
     assert list((tmp_path / "sub").iterdir()) == []  # the write probe is gone
     shutil.rmtree(tmp_path / "sub")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Files were 0600 (mkstemp's mode) whatever the umask: a shared model dir was unreadable to others."""
+    import os
+
+    from badinputkit import TEXT
+    from llmkit.data import prepare
+
+    old = os.umask(0o022)
+    try:
+        tok = tiny_tokenizer()
+        model_dir = save_checkpoint(tmp_path / "model", tiny_model(tok), tok)
+        (tmp_path / "corpus.txt").write_text(TEXT * 20)
+        prepare([tmp_path / "corpus.txt"], tmp_path / "data", tok)
+        os.umask(0o077)
+        (tmp_path / "private").mkdir()
+        save_checkpoint(tmp_path / "private" / "model", tiny_model(tok), tok)
+    finally:
+        os.umask(old)
+    for path in [*model_dir.iterdir(), *(tmp_path / "data").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o755
+    for path in (tmp_path / "private" / "model").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
