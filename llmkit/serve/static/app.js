@@ -89,25 +89,46 @@ async function* serverEvents(response) {
   }
 }
 
+// Ask for a reply; when the conversation no longer fits the model's context, drop the oldest
+// exchange and ask again (then let the server size the reply), as `llmkit chat` does.
+async function requestReply(options, notes) {
+  let dropped = 0;
+  let maxTokens = Math.max(1, parseInt(ui.maxTokens.value, 10) || 1);
+  for (;;) {
+    const kept = history.slice(2 * dropped);
+    const messages = ui.system.value ? [{ role: "system", content: ui.system.value }, ...kept] : kept;
+    const body = {
+      model, messages, stream: true, stream_options: { include_usage: true },
+      temperature: Number(ui.temperature.value), ...(maxTokens ? { max_tokens: maxTokens } : {}),
+    };
+    const response = await fetch("/v1/chat/completions", { ...options, body: JSON.stringify(body) });
+    if (response.ok) {
+      if (dropped) notes.push(`${dropped} older exchange${dropped > 1 ? "s" : ""} left out to fit the context`);
+      history.splice(0, 2 * dropped);
+      return response;
+    }
+    const error = await response.clone().json().catch(() => ({}));
+    if (!(error.error && error.error.code === "context_length_exceeded")) throw new Error(await errorText(response));
+    if (maxTokens) maxTokens = 0;  // first let the reply take what is left of the context
+    else if (2 * (dropped + 1) < history.length) dropped += 1;
+    else throw new Error(await errorText(response));
+  }
+}
+
 async function send(text) {
   if (!model) await loadModel();
   history.push({ role: "user", content: text });
   addMessage("user", text);
   const answer = addMessage("assistant streaming", "");
-  const messages = ui.system.value ? [{ role: "system", content: ui.system.value }, ...history] : history;
-  const body = {
-    model, messages, stream: true, stream_options: { include_usage: true },
-    temperature: Number(ui.temperature.value), max_tokens: Math.max(1, parseInt(ui.maxTokens.value, 10) || 1),
-  };
   controller = new AbortController();
   setBusy(true);
   let content = "";
   let note = "";
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
-    });
-    if (!response.ok) throw new Error(await errorText(response));
+    const notes = [];
+    const response = await requestReply({ method: "POST", headers: headers(), signal: controller.signal }, notes);
+    note = notes.join(", ");
+    const trimmed = note;
     for await (const chunk of serverEvents(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       for (const choice of chunk.choices) {
@@ -116,7 +137,7 @@ async function send(text) {
           answer.textContent = content;
           ui.messages.scrollTop = ui.messages.scrollHeight;
         }
-        if (choice.finish_reason === "length") note = "stopped at max tokens";
+        if (choice.finish_reason === "length") note = [trimmed, "stopped at max tokens"].filter(Boolean).join(", ");
       }
       if (chunk.usage) note = [note, chunk.usage.completion_tokens + " tokens"].filter(Boolean).join(", ");
     }
