@@ -185,6 +185,7 @@ def files(tmp_path_factory):
     for name, edit in edits.items():
         paths[name] = edited_copy(paths["model"], root / name, edit)
     paths["nan_model"] = nan_model_dir(tok, root / "nan_model")
+    paths["gguf_ok"] = write_gguf(root / "ok.gguf", model, tok)
     paths["gguf_align0"] = write_gguf(root / "align0.gguf", model, tok, {"general.alignment": 0})
     paths["gguf_heads0"] = write_gguf(root / "heads0.gguf", model, tok, {"llama.attention.head_count": 0})
     paths["gguf_str_number"] = write_gguf(root / "str.gguf", model, tok, {"llama.block_count": "two"})
@@ -275,3 +276,22 @@ def test_written_files_follow_the_umask(tmp_path):
     assert (tmp_path / "data").stat().st_mode & 0o777 == 0o755
     for path in (tmp_path / "private" / "model").iterdir():
         assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+def test_eval_accepts_every_model_generate_accepts(files, tmp_path, capsys):
+    """HF exports and GGUF files ended in "no such model" or a traceback; now eval resolves --model
+    as generate does, and writes --output for perplexity too."""
+    from llmkit.interop.hf import save_hf
+    from llmkit.models import resolve_model
+
+    model, tok = resolve_model(files["model"])
+    hf_dir = save_hf(model, tok, tmp_path / "hf")
+    losses = {}
+    for name, path in (("llmkit", files["model"]), ("hf", hf_dir), ("gguf", files["gguf_ok"])):
+        out = tmp_path / f"{name}.json"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--model", str(path), "--text", str(files["text"]), "--json", "--output", str(out)])
+        assert exit_info.value.code == 0, capsys.readouterr().err
+        losses[name] = json.loads(capsys.readouterr().out)["loss"]
+        assert json.loads(out.read_text())["loss"] == losses[name]
+    assert losses["hf"] == pytest.approx(losses["llmkit"], abs=1e-5)  # the same weights, exported
