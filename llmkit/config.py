@@ -42,12 +42,12 @@ class ModelConfig:
     def __post_init__(self):
         check_field_types(self, "model config")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            check_range(f"model config {name}", getattr(self, name), 1)
+            check_range(f"model config {name}", getattr(self, name), 1, integer=True)
         # Position tables are allocated up front: a corrupt 2**40 would exhaust memory, not fail.
-        check_range("model config block_size", self.block_size, 1, MAX_CONTEXT)
+        check_range("model config block_size", self.block_size, 1, MAX_CONTEXT, integer=True)
         for name in ("n_kv_head", "head_dim", "intermediate_size"):
             if getattr(self, name) is not None:
-                check_range(f"model config {name}", getattr(self, name), 1)
+                check_range(f"model config {name}", getattr(self, name), 1, integer=True)
         check_range("model config dropout", self.dropout, 0, 1, high_open=True)
         check_range("model config norm_eps", self.norm_eps, 0, low_open=True)
         check_range("model config rope_theta", self.rope_theta, 0, low_open=True)

@@ -214,16 +214,17 @@ def room_for_answer(model, prompt_ids: list[list[int]], max_new_tokens: int) -> 
     """max_new_tokens, lowered to the room the longest prompt leaves in the model's context.
 
     Small trained models have short contexts (a 64-token block), shorter than the default answer
-    length: generate what fits instead of refusing, and say so once per setting."""
+    length: generate what fits instead of refusing (`say_clamped` tells the user, once)."""
     room = model.config.block_size - max((len(ids) for ids in prompt_ids), default=0)
-    if max_new_tokens <= room:
-        return max_new_tokens
-    if (model.config.block_size, max_new_tokens) not in _CLAMPS_SAID:
+    return min(max_new_tokens, room)
+
+
+def say_clamped(model, max_new_tokens: int, room: int) -> None:
+    if room < max_new_tokens and (model.config.block_size, max_new_tokens) not in _CLAMPS_SAID:
         _CLAMPS_SAID.add((model.config.block_size, max_new_tokens))
         logging.getLogger("llmkit").warning(
             "note: max_new_tokens=%d does not fit the model's context of %d tokens after the prompt; "
             "generating at most %d", max_new_tokens, model.config.block_size, room)
-    return room
 
 
 def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -> Iterator[tuple[int, str]]:
@@ -262,6 +263,8 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -
                 logits = apply_repetition_penalty(logits.float(), history[:, :P + step], params.repetition_penalty)
                 tokens = sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
                 history[:, P + step] = tokens
+            if step == 0:  # after the first token: a failing model says only what went wrong
+                say_clamped(model, params.max_new_tokens, N)
             for i, token in enumerate(tokens.tolist()):
                 if not rows[i].done:
                     piece = rows[i].push(token, last=step == N - 1)

@@ -18,7 +18,7 @@ from llmkit.config import PRESETS, ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import ENCODER_PRESETS, EncoderConfig
 from llmkit.objectives import ENCODER_OBJECTIVES
-from llmkit.utils import check_device, check_field_types, check_range
+from llmkit.utils import TYPE_NAMES, check_device, check_field_types, check_range
 
 
 @dataclass
@@ -87,10 +87,10 @@ class TrainConfig:
         check_range("beta1", self.beta1, 0, 1, high_open=True)
         check_range("beta2", self.beta2, 0, 1, high_open=True)
         if self.threads is not None:
-            check_range("threads", self.threads, 1)
+            check_range("threads", self.threads, 1, integer=True)
         if self.peak_flops is not None:
             check_range("peak_flops", self.peak_flops, 0, low_open=True)
-        check_range("lr_decay_steps", self.lr_decay_steps, 0)
+        check_range("lr_decay_steps", self.lr_decay_steps, 0, integer=True)
         device, _, index = self.device.partition(":")
         if device not in ("auto", "cpu", "cuda") or (index and (device != "cuda" or not index.isdigit())):
             raise LlmkitError(f"bad training config: device {self.device!r} (auto, cpu, cuda, cuda:N)")
@@ -142,7 +142,7 @@ def _coerce(name: str, value, hint):
             return str(value)
     else:
         raise LlmkitError(f"{name} cannot be set this way")
-    raise LlmkitError(f"bad value for {name}: {value!r} is not a {hint.__name__}")
+    raise LlmkitError(f"bad value for {name}: {value!r} is not {TYPE_NAMES.get(hint, hint.__name__)}")
 
 
 def _set(values: dict, model: dict, key: str, value) -> None:

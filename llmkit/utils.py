@@ -160,6 +160,10 @@ def check_device(device: str, what: str = "--device") -> str:
     return name
 
 
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+              type(None): "null"}
+
+
 def check_field_types(instance, what: str) -> None:
     """Every field of a dataclass instance holds its annotated type (int, float, bool, str, dict,
     or None where Optional): config.json's `"n_layer": "4"` or `true` fails here, naming the key,
@@ -180,7 +184,7 @@ def check_field_types(instance, what: str) -> None:
         else:
             ok = any(isinstance(value, t) for t in allowed if isinstance(t, type) and t is not type(None))
         if not ok:
-            names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed).replace("NoneType", "null")
+            names = " or ".join(TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in allowed)
             raise LlmkitError(f"{what} {field.name} must be {names}, got {value!r}")
 
 

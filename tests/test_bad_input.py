@@ -32,14 +32,14 @@ CASES = {
     "train": [
         ("train --data {data} --out {text}/run", "is not a directory"),
         ("train --data {data} --out {text}", "is a file, not a directory"),
-        ("train --data {data} --out run model.n_head=0", "n_head must be a number >= 1"),
-        ("train --data {data} --out run model.n_kv_head=-2", "n_kv_head must be a number >= 1"),
-        ("train --data {data} --out run model.n_layer=-1", "n_layer must be a number >= 1"),
+        ("train --data {data} --out run model.n_head=0", "n_head must be an integer >= 1"),
+        ("train --data {data} --out run model.n_kv_head=-2", "n_kv_head must be an integer >= 1"),
+        ("train --data {data} --out run model.n_layer=-1", "n_layer must be an integer >= 1"),
         ("train --data {data} --out run model.dropout=1.5", "dropout must be a number in [0, 1)"),
         ("train --data {data} --out run beta1=1.0", "beta1 must be a number in [0, 1)"),
         ("train --data {data} --out run beta2=-0.1", "beta2 must be a number in [0, 1)"),
-        ("train --data {data} --out run threads=-2", "threads must be a number >= 1"),
-        ("train --data {data} --out run model.n_layer=four", "is not a int"),
+        ("train --data {data} --out run threads=-2", "threads must be an integer >= 1"),
+        ("train --data {data} --out run model.n_layer=four", "'four' is not an integer"),
         ("train {yaml_model_list} --data {data} --out run", "'model' must be a mapping"),
         ("train --data {data} --out run device=foo", "device 'foo'"),
         ("train --data {data} --out run device=cuda", "no CUDA GPU"),
@@ -65,7 +65,7 @@ CASES = {
         ("eval --model {model} --text {text} --device foo", "--device 'foo' is not a device"),
         ("eval --model {model} --text {text} --device cuda", "no CUDA GPU"),
         ("eval --model nosuch --text {text}", "no such model 'nosuch'"),
-        ("eval --model {model_str_layers} --text {text}", "n_layer must be int, got '4'"),
+        ("eval --model {model_str_layers} --text {text}", "n_layer must be an integer, got '4'"),
         ("eval --model {model} --text {text} --data {data}", "exactly one of --text FILE or --data DIR"),
         ("eval --model {model} --text nosuch.txt", "cannot read text file nosuch.txt"),
     ],
@@ -80,11 +80,11 @@ CASES = {
         ("generate hi --model {model} --device foo", "--device 'foo' is not a device"),
         ("generate hi --model {model} --device cuda:3", "no CUDA GPU"),
         ("generate hi --model {model} --dtype float8", "unknown dtype 'float8'"),
-        ("generate hi --model {model_heads0}", "n_head must be a number >= 1"),
-        ("generate hi --model {model_kv0}", "n_kv_head must be a number >= 1"),
+        ("generate hi --model {model_heads0}", "n_head must be an integer >= 1"),
+        ("generate hi --model {model_kv0}", "n_kv_head must be an integer >= 1"),
         ("generate hi --model {model_dropout}", "dropout must be a number in [0, 1)"),
         ("generate hi --model {model_nondict}", "model config must be a mapping"),
-        ("generate hi --model {model_bool_layers}", "n_layer must be int, got True"),
+        ("generate hi --model {model_bool_layers}", "n_layer must be an integer, got True"),
         ("generate hi --model {gguf_align0}", "general.alignment must be a positive integer"),
         ("generate hi --model {gguf_heads0}", "llama.attention.head_count must be a positive integer"),
         ("generate hi --model {gguf_str_number}", "llama.block_count must be a positive integer, got 'two'"),
@@ -211,7 +211,7 @@ def files(tmp_path_factory):
 
 @pytest.mark.parametrize("command,line,expected", TABLE, ids=[f"{c}:{i}" for i, (c, _, _) in enumerate(TABLE)])
 def test_bad_input_fails_on_one_line_and_leaves_nothing(command, line, expected, files, tmp_path, monkeypatch,
-                                                         capsys):
+                                                         capsys, caplog):
     import shlex
 
     monkeypatch.chdir(tmp_path)  # relative outputs (run, data, attention.png) would land here
@@ -224,6 +224,7 @@ def test_bad_input_fails_on_one_line_and_leaves_nothing(command, line, expected,
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert "Traceback" not in err + out
     assert expected in err, err
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # logged lines reach stderr too
     assert tree(files["root"]) == before and tree(tmp_path) == before_cwd, "a failed command left files behind"
 
 

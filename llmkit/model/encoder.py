@@ -45,7 +45,7 @@ class EncoderConfig:
     def __post_init__(self):
         check_field_types(self, "encoder config")
         for name in ("vocab_size", "max_position", "type_vocab_size", "n_layer", "n_head", "n_embd"):
-            check_range(f"encoder config {name}", getattr(self, name), 1)
+            check_range(f"encoder config {name}", getattr(self, name), 1, integer=True)
         check_range("encoder config norm_eps", self.norm_eps, 0, low_open=True)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
