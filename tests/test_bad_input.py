@@ -296,3 +296,17 @@ def test_eval_accepts_every_model_generate_accepts(files, tmp_path, capsys):
         losses[name] = json.loads(capsys.readouterr().out)["loss"]
         assert json.loads(out.read_text())["loss"] == losses[name]
     assert losses["hf"] == pytest.approx(losses["llmkit"], abs=1e-5)  # the same weights, exported
+
+
+def test_chat_with_long_default_replies_on_a_short_context_model():
+    """`llmkit chat --model runs/demo/model` failed at once: 256-token replies in a 64-token context.
+    Now the reply takes the room left, and old turns are dropped as the conversation grows."""
+    from llmkit.chat import ChatSession
+    from llmkit.generate import SamplingParams
+
+    tok = tiny_tokenizer()
+    session = ChatSession(tiny_model(tok), tok, params=SamplingParams(max_new_tokens=256, temperature=0))
+    for text in ("the quick brown fox", "to be or not to be", "that is the question"):
+        session.reply(text)
+    assert len(tok.encode(session.prompt())) <= 64 // 2  # half the context stays free for the reply
+    assert len(session.messages) == 6 and "that is the question" in session.prompt()
