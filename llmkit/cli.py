@@ -42,8 +42,8 @@ def train(
     base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
 ):
     """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
-    from llmkit.objectives import ENCODER_OBJECTIVES
-    from llmkit.train import Trainer, load_train_config
+    from llmkit.train.losses import ENCODER_OBJECTIVES
+    from llmkit.train.trainer import Trainer, load_train_config
 
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
@@ -51,7 +51,7 @@ def train(
                                objective=objective)
     check_output(config.out_dir, "dir", "out_dir")
     if config.objective in ENCODER_OBJECTIVES:
-        from llmkit.encoder_train import EncoderTrainer
+        from llmkit.train.encoder import EncoderTrainer
 
         trainer = EncoderTrainer(config, model=base_model, resume=resume)
     elif base_model is not None:
@@ -89,7 +89,7 @@ def eval_(
     if output is not None:
         check_output(output, "file", "--output")
     if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
-        from llmkit.evaluate import evaluate_tasks, results_table
+        from llmkit.eval.lm import evaluate_tasks, results_table
 
         if data:
             raise LlmkitError("--data cannot be combined with --mc/--gen; use --text for perplexity")
@@ -102,7 +102,7 @@ def eval_(
         print(json.dumps(summary) if as_json else results_table(summary))
         return
 
-    from llmkit.evaluate import evaluate_model
+    from llmkit.eval.lm import evaluate_model
 
     result = evaluate_model(model, text_file=text, data_dir=data, split=split, batch_size=batch_size,
                             stride=stride, max_tokens=max_tokens, device=device)
@@ -135,9 +135,9 @@ def generate_cmd(
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print each prompt before its completion"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
-    from llmkit.fast import decode_layout
-    from llmkit.generate import SamplingParams, generate, stream
-    from llmkit.models import resolve_model
+    from llmkit.infer.compiled import decode_layout
+    from llmkit.infer.generate import SamplingParams, generate, stream
+    from llmkit.io.resolve import resolve_model
 
     if (prompt is None) == (prompt_file is None):
         raise LlmkitError("give either a PROMPT or --prompt-file, not both or neither")
@@ -188,10 +188,10 @@ def chat_cmd(
                                                     "read per token, so faster decoding"),
 ):
     """Chat with a model: streamed replies, multi-turn history, /reset and /exit."""
-    from llmkit.chat import ChatSession, chat_loop
-    from llmkit.fast import decode_layout
-    from llmkit.generate import SamplingParams
-    from llmkit.models import resolve_model
+    from llmkit.infer.chat import ChatSession, chat_loop
+    from llmkit.infer.compiled import decode_layout
+    from llmkit.infer.generate import SamplingParams
+    from llmkit.io.resolve import resolve_model
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
@@ -206,7 +206,7 @@ def convert_cmd(
     to: str = typer.Option("llmkit", "--to", help="llmkit or hf"),
 ):
     """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory."""
-    from llmkit.models import convert
+    from llmkit.io.resolve import convert
 
     check_output(dst, "dir", "DST")
     out = convert(src, dst, to=to)
@@ -223,7 +223,7 @@ def prepare_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
 ):
     """Tokenize text into train.bin / val.bin (+ meta.json, tokenizer.json) for `llmkit train`."""
-    from llmkit.data import iter_texts, prepare
+    from llmkit.data.corpus import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
     check_output(out, "dir")
@@ -296,7 +296,7 @@ def distill_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
 ):
     """Train a smaller student to match a teacher's next-token distributions."""
-    from llmkit.distill import run_distill
+    from llmkit.train.distill import run_distill
 
     check_output(out, "dir")
     check_range("--temperature", temperature, 0, low_open=True)
@@ -320,7 +320,7 @@ def plot_cmd(
     """Draw a run's loss, learning-rate and throughput curves into a PNG."""
     from pathlib import Path
 
-    from llmkit.plot import plot_metrics
+    from llmkit.eval.plot import plot_metrics
 
     base = Path(run) if Path(run).is_dir() else Path(run).parent
     out = check_output(out or base / "metrics.png", "file")
@@ -336,8 +336,8 @@ def attention_cmd(
     out: str = typer.Option("attention.png", "--out", help="PNG to write"),
 ):
     """Draw the attention maps of chosen layers/heads for a text as a PNG heatmap grid."""
-    from llmkit.models import resolve_model
-    from llmkit.plot import attention_png
+    from llmkit.io.resolve import resolve_model
+    from llmkit.eval.plot import attention_png
 
     check_output(out, "file")
     layer_list, head_list = _int_list(layers, "--layers"), _int_list(heads, "--heads")
@@ -355,8 +355,8 @@ def embed_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
-    from llmkit.embed import embed_texts, jsonl_lines, write_embeddings
-    from llmkit.encoders import load_encoder, read_lines
+    from llmkit.infer.embed import embed_texts, jsonl_lines, write_embeddings
+    from llmkit.io.encoders import load_encoder, read_lines
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
@@ -422,8 +422,8 @@ def finetune_cmd(
     check_range("--lora-dropout", lora_dropout, 0, 1, high_open=True)
     device = check_device(device)
     if task == "sft":
-        from llmkit.lora import LoRAConfig
-        from llmkit.sft_train import run_sft
+        from llmkit.model.lora import LoRAConfig
+        from llmkit.train.sft import run_sft
 
         adapters = LoRAConfig(lora_rank, lora_alpha, lora_dropout, lora_targets) if lora else None
         metrics = run_sft(model, data, out, val=val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -434,7 +434,7 @@ def finetune_cmd(
         print(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}{val_text}; saved to {out}")
         return
     if task in ("classify", "tag"):
-        from llmkit.tasks import FinetuneConfig, finetune, format_metrics
+        from llmkit.train.tasks import FinetuneConfig, finetune, format_metrics
 
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
         metrics = finetune(model, data, out, task, val_path=val, config=config,
@@ -454,7 +454,7 @@ def predict_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
-    from llmkit.tasks import format_metrics, run_predict
+    from llmkit.train.tasks import format_metrics, run_predict
 
     if out is not None:
         check_output(out, "file")

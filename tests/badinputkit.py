@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.checkpoint import save_checkpoint
-from llmkit.config import ModelConfig
-from llmkit.interop import split_llama_layer
-from llmkit.interop.hf import save_hf
+from llmkit.io.checkpoint import save_checkpoint
+from llmkit.model.config import ModelConfig
+from llmkit.io.common import split_llama_layer
+from llmkit.io.hf import save_hf
 from llmkit.model.decoder import GPT
 from llmkit.tokenizer import Tokenizer
 
@@ -92,6 +92,14 @@ def hf_dir_with_index(model: GPT, tok: Tokenizer, path: Path, weight_map) -> Pat
     (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def warm_kernels() -> None:
+    """Build the CPU decoding kernels now if they are not cached: the first build announces itself on
+    stderr, which must not land inside a case that checks stderr is one error line."""
+    from llmkit.infer import kernels
+
+    kernels.available()
 
 
 def tree(root: Path) -> set[str]:

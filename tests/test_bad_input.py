@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from badinputkit import (edited_copy, hf_dir_with_index, nan_model_dir, tiny_model, tiny_tokenizer, tree,
-                         write_gguf)
-from llmkit.checkpoint import save_checkpoint
+                         warm_kernels, write_gguf)
+from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import main
-from trainkit import make_data_dir
+from conftest import make_data_dir
 
 NO_DIR = "/proc/llmkit-cannot-write"  # /proc refuses new entries, even to root
 
@@ -173,6 +173,7 @@ TABLE = [(cmd, line, expected) for cmd, cases in CASES.items() for line, expecte
 def files(tmp_path_factory):
     """Placeholders -> paths, all under one root the tests snapshot."""
     root = tmp_path_factory.mktemp("bad")
+    warm_kernels()
     tok = tiny_tokenizer()
     model = tiny_model(tok)
     paths = {"root": root, "model": save_checkpoint(root / "model", model, tok), "data": make_data_dir(root)}
@@ -259,7 +260,7 @@ def test_written_files_follow_the_umask(tmp_path):
     import os
 
     from badinputkit import TEXT
-    from llmkit.data import prepare
+    from llmkit.data.corpus import prepare
 
     old = os.umask(0o022)
     try:
@@ -282,8 +283,8 @@ def test_written_files_follow_the_umask(tmp_path):
 def test_eval_accepts_every_model_generate_accepts(files, tmp_path, capsys):
     """HF exports and GGUF files ended in "no such model" or a traceback; now eval resolves --model
     as generate does, and writes --output for perplexity too."""
-    from llmkit.interop.hf import save_hf
-    from llmkit.models import resolve_model
+    from llmkit.io.hf import save_hf
+    from llmkit.io.resolve import resolve_model
 
     model, tok = resolve_model(files["model"])
     hf_dir = save_hf(model, tok, tmp_path / "hf")
@@ -301,8 +302,8 @@ def test_eval_accepts_every_model_generate_accepts(files, tmp_path, capsys):
 def test_chat_with_long_default_replies_on_a_short_context_model():
     """`llmkit chat --model runs/demo/model` failed at once: 256-token replies in a 64-token context.
     Now the reply takes the room left, and old turns are dropped as the conversation grows."""
-    from llmkit.chat import ChatSession
-    from llmkit.generate import SamplingParams
+    from llmkit.infer.chat import ChatSession
+    from llmkit.infer.generate import SamplingParams
 
     tok = tiny_tokenizer()
     session = ChatSession(tiny_model(tok), tok, params=SamplingParams(max_new_tokens=256, temperature=0))

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from badinputkit import tiny_model, tiny_tokenizer, write_gguf
-from llmkit.checkpoint import save_checkpoint
+from badinputkit import tiny_model, tiny_tokenizer, warm_kernels, write_gguf
+from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import main
 from llmkit.errors import LlmkitError
-from llmkit.interop.hf import save_hf
+from llmkit.io.hf import save_hf
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -26,6 +26,7 @@ SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCh
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("prop")
+    warm_kernels()
     tok = tiny_tokenizer()
     model = tiny_model(tok)
     text = root / "text.txt"
@@ -65,7 +66,7 @@ def corrupt(path: Path, kind: str, a: float, b: float, payload: bytes) -> None:
 
 
 def load(kind: str, path: Path):
-    from llmkit.models import resolve_model
+    from llmkit.io.resolve import resolve_model
     from llmkit.tokenizer import Tokenizer
 
     resolve_model(path)
@@ -137,8 +138,8 @@ def test_random_serve_options(options, capsys):
                             "model.dropout", "model.n_kv_head", "model.norm", "model.block_size", "preset"]),
        value=st.one_of(NUMBERS.map(str), st.text(max_size=8)))
 def test_random_training_settings(key, value):
-    from llmkit.config import PRESETS, ModelConfig
-    from llmkit.train_config import load_train_config
+    from llmkit.model.config import PRESETS, ModelConfig
+    from llmkit.train.config import load_train_config
 
     try:
         config = load_train_config(None, [f"{key}={value}"])

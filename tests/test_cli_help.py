@@ -21,7 +21,7 @@ def test_every_example_parses_as_its_command():
 
 
 def test_train_settings_list_every_field_with_its_default():
-    from llmkit.train_config import TrainConfig
+    from llmkit.train.config import TrainConfig
 
     listed = dict(item.split("=", 1) for item in TRAIN_SETTINGS.split(";")[0].split(", "))
     for field in dataclasses.fields(TrainConfig):
@@ -36,7 +36,7 @@ def test_train_settings_list_every_field_with_its_default():
 
 
 def test_presets_are_the_real_ones():
-    from llmkit.config import PRESETS
+    from llmkit.model.config import PRESETS
     from llmkit.model.encoder import ENCODER_PRESETS as ENCODERS
 
     assert DECODER_PRESETS == tuple(PRESETS) and ENCODER_PRESETS == tuple(ENCODERS)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from llmkit import kernels
+from llmkit.infer import kernels
 
 
 @pytest.fixture

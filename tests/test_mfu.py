@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetunekit import one_thread, tiny_decoder, tiny_model_dir, tiny_tokenizer, write_jsonl  # noqa: F401
-from llmkit.lora import LoRAConfig, apply_lora
-from llmkit.sft_train import _head_on, sft_flops
+from conftest import tiny_decoder, tiny_model_dir, tiny_tokenizer, write_jsonl
+from llmkit.model.lora import LoRAConfig, apply_lora
+from llmkit.train.sft import _head_on, sft_flops
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -33,8 +33,8 @@ def test_sft_flops_are_the_flops_a_step_runs(lora, tied):
 
 
 def test_sft_mfu_stays_below_100_percent(tmp_path):
-    from llmkit.sft_train import SFTTrainer
-    from llmkit.train_config import TrainConfig
+    from llmkit.train.sft import SFTTrainer
+    from llmkit.train.config import TrainConfig
 
     tok = tiny_tokenizer()
     base = tiny_model_dir(tmp_path / "base", tok)

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from badinputkit import tiny_model, tiny_tokenizer
-from llmkit.checkpoint import save_checkpoint
+from llmkit.io.checkpoint import save_checkpoint
 from llmkit.serve import build_app, create_app, served_name
 
 pytestmark = pytest.mark.timeout(180)

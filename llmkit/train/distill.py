@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 IGNORE = -100
 
@@ -212,9 +212,9 @@ def run_distill(teacher: str, student: str, data_dir, out_dir, overrides=(), tem
     """`llmkit distill`: the student is a preset name (trained from scratch) or a model to start from."""
     from pathlib import Path
 
-    from llmkit.config import PRESETS
-    from llmkit.models import EMBEDDED_MODELS, resolve_model
-    from llmkit.train_config import load_train_config
+    from llmkit.io.resolve import EMBEDDED_MODELS, resolve_model
+    from llmkit.model.config import PRESETS
+    from llmkit.train.config import load_train_config
 
     is_preset = student in PRESETS
     if not is_preset and student not in EMBEDDED_MODELS and not Path(student).expanduser().exists():

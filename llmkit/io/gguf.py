@@ -21,9 +21,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.interop import build_model, fuse_llama_layer
+from llmkit.io.common import build_model, fuse_llama_layer
 from llmkit.utils import progress
 
 _SCALAR_FORMATS = {

@@ -143,7 +143,7 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
     (what `llmkit eval` runs). Inputs are read and checked before the model is loaded."""
     from pathlib import Path
 
-    from llmkit.models import resolve_model
+    from llmkit.io.resolve import resolve_model
     from llmkit.utils import check_device, check_range
 
     if (text_file is None) == (data_dir is None):
@@ -166,7 +166,7 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
         tokens = _as_tokens(text, tokenizer)
         source = str(text_file)
     else:
-        from llmkit.data import load_split
+        from llmkit.data.corpus import load_split
 
         tokens = load_split(data_dir, split)
         if int(tokens.max(initial=0)) >= model.config.vocab_size:
@@ -295,9 +295,9 @@ def text_metrics(predictions: list[str], references: list[list[str]]) -> dict:
 
 def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, batch_size: int = 8,
                chat: bool = False, stop=None) -> dict:
-    """Greedy completions (llmkit.generate) scored against the references by `text_metrics`.
+    """Greedy completions (llmkit.infer.generate) scored against the references by `text_metrics`.
     `stop` defaults to a newline for plain prompts; chat replies end at the end-of-turn token."""
-    from llmkit.generate import SamplingParams, generate
+    from llmkit.infer.generate import SamplingParams, generate
 
     stop = tuple(stop) if stop is not None else (() if chat else ("\n",))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
@@ -337,7 +337,7 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
     loads (what `llmkit eval --mc/--gen` runs). Inputs are all read and checked before scoring."""
     from pathlib import Path
 
-    from llmkit.models import resolve_model
+    from llmkit.io.resolve import resolve_model
     from llmkit.utils import check_device, check_range
 
     if not (text_file or mc_file or gen_file):
