@@ -102,6 +102,14 @@ def warm_kernels() -> None:
     kernels.available()
 
 
+def workspace(tmp_path_factory, name: str) -> tuple[Path, Tokenizer, GPT]:
+    """A fresh folder, the kernels built, and the tiny tokenizer and model the files are made from."""
+    root = tmp_path_factory.mktemp(name)
+    warm_kernels()
+    tok = tiny_tokenizer()
+    return root, tok, tiny_model(tok)
+
+
 def tree(root: Path) -> set[str]:
     """Every path under `root` (files and folders), to show a failed command left nothing behind."""
     return {str(p.relative_to(root)) for p in root.rglob("*")}

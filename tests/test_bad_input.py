@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from badinputkit import (edited_copy, hf_dir_with_index, nan_model_dir, tiny_model, tiny_tokenizer, tree,
-                         warm_kernels, write_gguf)
+                         workspace, write_gguf)
 from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import main
 from conftest import make_data_dir
@@ -172,10 +172,7 @@ TABLE = [(cmd, line, expected) for cmd, cases in CASES.items() for line, expecte
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Placeholders -> paths, all under one root the tests snapshot."""
-    root = tmp_path_factory.mktemp("bad")
-    warm_kernels()
-    tok = tiny_tokenizer()
-    model = tiny_model(tok)
+    root, tok, model = workspace(tmp_path_factory, "bad")
     paths = {"root": root, "model": save_checkpoint(root / "model", model, tok), "data": make_data_dir(root)}
     edits = {"model_heads0": lambda m: {**m, "model": {**m["model"], "n_head": 0}},
              "model_kv0": lambda m: {**m, "model": {**m["model"], "n_kv_head": 0}},

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from badinputkit import tiny_model, tiny_tokenizer, warm_kernels, write_gguf
+from badinputkit import workspace, write_gguf
 from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import main
 from llmkit.errors import LlmkitError
@@ -25,10 +25,7 @@ SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCh
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prop")
-    warm_kernels()
-    tok = tiny_tokenizer()
-    model = tiny_model(tok)
+    root, tok, model = workspace(tmp_path_factory, "prop")
     text = root / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 3)
     return {"llmkit": save_checkpoint(root / "llmkit", model, tok), "hf": save_hf(model, tok, root / "hf"),
