@@ -344,6 +344,8 @@ def embed_cmd(
 
 FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "tag": "token classification (BIO tags), JSONL {tokens, tags}",
+                  "intent-slots": "one encoder, an intent head and a slot (BIO) head trained jointly, "
+                                  "JSONL {tokens, tags, label}",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
@@ -398,6 +400,16 @@ def finetune_cmd(
                            log=lambda line: print(line, file=sys.stderr))
         print(f"{format_metrics(metrics) or 'no validation data'}; model saved to {out}")
         return
+    if task == "intent-slots":
+        from llmkit.tasks import FinetuneConfig
+        from llmkit.train.multitask import finetune_intent_slots
+
+        config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+        metrics = finetune_intent_slots(model, data, out, val_path=val, config=config,
+                                        log=lambda line: print(line, file=sys.stderr))
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("intent_accuracy", "slot_f1") if k in metrics)
+        print(f"{shown or 'no validation data'}; model saved to {out}")
+        return
     raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
 
 
@@ -412,10 +424,32 @@ def predict_cmd(
 ):
     """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
     from llmkit.tasks import format_metrics, run_predict
+    from llmkit.train.multitask import is_joint
 
+    if is_joint(model):
+        _predict_joint(model, input_file, out, device)
+        return
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
+
+
+def _predict_joint(model_path: str, input_file: str, out: str | None, device: str) -> None:
+    """`predict` with a joint intent-slots model: intent, tags and slot values per line."""
+    from llmkit.encoders import load_encoder
+    from llmkit.train.multitask import run_predict_joint
+    from llmkit.utils import atomic_open
+
+    net, tokenizer = load_encoder(model_path, device)
+    lines, metrics = run_predict_joint(net, tokenizer, input_file)
+    if out is None:
+        sys.stdout.writelines(lines)
+    else:
+        with atomic_open(out, encoding="utf-8") as f:
+            f.writelines(lines)
+    if metrics is not None:
+        print(f"{metrics['examples']} labelled examples: intent_accuracy {metrics['intent_accuracy']:.4f}  "
+              f"slot_f1 {metrics['slot_f1']:.4f}", file=sys.stderr)
 
 
 def main() -> None:

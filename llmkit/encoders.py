@@ -92,13 +92,22 @@ def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
             task = "mlm"
         if task in ("classify", "tag"):
             check_label_file(path, labels)
-        model = Encoder(config, task, labels)
+        model = _build(config, task, labels, meta)
         load_weights(model, path / WEIGHTS_FILE)
         if not (path / TOKENIZER_FILE).is_file():
             raise LlmkitError(f"missing tokenizer {path / TOKENIZER_FILE}")
         tokenizer = Tokenizer.load(path)
     prepare_tokenizer(tokenizer, model.config.max_length)
     return model.to(device).eval(), tokenizer
+
+
+def _build(config: EncoderConfig, task, labels, meta: dict) -> Encoder:
+    """The Encoder class the checkpoint's task names: one head, several heads, or MLM + NSP."""
+    if task in ("multi", "mlm+nsp"):
+        from llmkit.model.heads import MultiTaskEncoder, PretrainingEncoder
+
+        return MultiTaskEncoder(config, meta.get("heads") or {}) if task == "multi" else PretrainingEncoder(config)
+    return Encoder(config, task, labels)
 
 
 def _has_mlm_head(weights: Path) -> bool:
@@ -130,6 +139,8 @@ def save_encoder(out_dir, model: Encoder, tokenizer: Tokenizer | None, extra: di
     """Model dir: config.json ("arch": "encoder", "task", "labels") + model.safetensors + tokenizer + labels.json."""
     out_dir = Path(out_dir)
     meta = {"task": model.task, **({"labels": model.labels} if model.labels else {}), **(extra or {})}
+    if hasattr(model, "head_meta"):  # a multi-task encoder: its heads' kinds, labels and loss weights
+        meta.update(model.head_meta())
     if model.labels:
         with atomic_open(out_dir / LABELS_FILE, encoding="utf-8") as f:
             json.dump({"task": model.task, "labels": model.labels}, f, indent=2, ensure_ascii=False)
