@@ -234,7 +234,8 @@ def prepare_cmd(
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
-                              help="decoder (llmkit/HF dir, .gguf, short name) or an encoder for embeddings"),
+                              help="decoder (llmkit/HF dir, .gguf, short name), an encoder for embeddings, "
+                                   "or none"),
     embedding_model: str = typer.Option(None, "--embedding-model", help="encoder served at /v1/embeddings too"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
     port: int = typer.Option(8000, "--port"),
@@ -246,12 +247,16 @@ def serve_cmd(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
     dtype: str = typer.Option(None, "--dtype", help="decoder weights: float32 (default), bfloat16 or float16"),
+    nlu: list[str] = typer.Option(None, "--nlu", help="NLU model served at /v1/classify and /v1/tag: an "
+                                                      "intent-slots model, or a classify and a tag model"),
+    dialog: str = typer.Option(None, "--dialog", help="dialogue domain YAML served at /v1/dialog (needs --nlu)"),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
     from llmkit.serve import serve
 
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
-          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype)
+          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype,
+          nlu=nlu or None, dialog=dialog)
 
 
 def _int_list(value: str | None, what: str) -> list[int] | None:
@@ -432,6 +437,32 @@ def predict_cmd(
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
+
+
+@app.command("dialog")
+def dialog_cmd(
+    domain: str = typer.Argument(..., help="domain YAML: intents, slots, required slots, prompts, actions"),
+    nlu: list[str] = typer.Option(..., "--nlu", help="an intent-slots model (or a classify and a tag model)"),
+    reply: str = typer.Option("template", "--reply", help="template, or chat: the chat model words each reply"),
+    chat_model: str = typer.Option("smollm2-135m-instruct", "--chat-model", help="--reply chat: the chat model"),
+    actions: str = typer.Option(None, "--actions", help="append each executed action to this JSONL file"),
+    show_state: bool = typer.Option(False, "--show-state", help="print the NLU result and state after each turn"),
+):
+    """Talk to a task-oriented dialogue system in the terminal (NLU -> state tracking -> policy -> reply)."""
+    from llmkit.apps.dialog import ChatReplier, Dialog, dialog_loop
+    from llmkit.apps.domain import load_domain
+    from llmkit.apps.nlu import NLU
+
+    if reply not in ("template", "chat"):
+        raise LlmkitError(f"--reply must be template or chat, got {reply!r}")
+    session = Dialog(load_domain(domain), NLU.load(*nlu))
+    if reply == "chat":
+        from llmkit.fast import decode_layout
+        from llmkit.models import resolve_model
+
+        net, tokenizer = resolve_model(chat_model)
+        session.replier = ChatReplier(decode_layout(net), tokenizer)
+    dialog_loop(session, actions_file=actions, show_state=show_state)
 
 
 def _predict_joint(model_path: str, input_file: str, out: str | None, device: str) -> None:

@@ -164,8 +164,9 @@ class Sessions:
         return session_id, self.dialogs[session_id].turn(text)
 
 
-def dialog_loop(dialog: Dialog, input_fn=input, out=sys.stdout, actions_file=None, show_state: bool = False) -> None:
+def dialog_loop(dialog: Dialog, input_fn=None, out=None, actions_file=None, show_state: bool = False) -> None:
     """The terminal conversation: /state prints the state, /reset starts over, /exit quits."""
+    input_fn, out = input_fn or input, out or sys.stdout  # looked up now: tests replace them
     print(f"{dialog.domain.name}: /state shows the dialogue state, /reset starts over, /exit quits", file=out)
     while True:
         try:
