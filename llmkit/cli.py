@@ -73,9 +73,14 @@ def eval_(
     chat: bool = typer.Option(False, "--chat", help="--mc/--gen: ask through the model's chat template"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--gen: longest answer in tokens"),
     output: str = typer.Option(None, "--output", help="also write all results (with per-item predictions) as JSON"),
+    qa: str = typer.Option(None, "--qa", help="SQuAD-style JSONL for a QA model: exact match and F1"),
 ):
     """Perplexity on text or a data split; with --mc/--gen also task scores, as a table (or --json)."""
     import json
+
+    if qa:
+        _eval_qa(model, qa, device, as_json, output)
+        return
 
     if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
         from llmkit.evaluate import evaluate_tasks, results_table
@@ -351,6 +356,7 @@ FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "tag": "token classification (BIO tags), JSONL {tokens, tags}",
                   "intent-slots": "one encoder, an intent head and a slot (BIO) head trained jointly, "
                                   "JSONL {tokens, tags, label}",
+                  "qa": "extractive question answering (a span head), SQuAD-style JSONL {context, question, answers}",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
@@ -405,14 +411,16 @@ def finetune_cmd(
                            log=lambda line: print(line, file=sys.stderr))
         print(f"{format_metrics(metrics) or 'no validation data'}; model saved to {out}")
         return
-    if task == "intent-slots":
+    if task in ("intent-slots", "qa"):  # several-head recipes: one model, jointly trained heads
         from llmkit.tasks import FinetuneConfig
         from llmkit.train.multitask import finetune_intent_slots
+        from llmkit.train.qa import finetune_qa
 
+        run, keys = ((finetune_intent_slots, ("intent_accuracy", "slot_f1")) if task == "intent-slots"
+                     else (finetune_qa, ("exact_match", "f1")))
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
-        metrics = finetune_intent_slots(model, data, out, val_path=val, config=config,
-                                        log=lambda line: print(line, file=sys.stderr))
-        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("intent_accuracy", "slot_f1") if k in metrics)
+        metrics = run(model, data, out, val_path=val, config=config, log=lambda line: print(line, file=sys.stderr))
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
         print(f"{shown or 'no validation data'}; model saved to {out}")
         return
     raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
@@ -463,6 +471,22 @@ def dialog_cmd(
         net, tokenizer = resolve_model(chat_model)
         session.replier = ChatReplier(decode_layout(net), tokenizer)
     dialog_loop(session, actions_file=actions, show_state=show_state)
+
+
+def _eval_qa(model: str, data: str, device: str, as_json: bool, output: str | None) -> None:
+    """`eval --qa`: exact match and F1 of a span-QA model (SQuAD scoring)."""
+    import json
+
+    from llmkit.train.qa import evaluate_qa
+    from llmkit.utils import atomic_open
+
+    result = evaluate_qa(model, data, device="cpu" if device == "auto" else device)
+    if output:
+        with atomic_open(output) as f:
+            json.dump(result, f, indent=2)
+    summary = {k: v for k, v in result.items() if k != "predictions"}
+    print(json.dumps(summary) if as_json else
+          f"{data}: exact_match {summary['exact_match']:.2f}  f1 {summary['f1']:.2f}  ({summary['examples']} questions)")
 
 
 def _predict_joint(model_path: str, input_file: str, out: str | None, device: str) -> None:
