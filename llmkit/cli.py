@@ -473,6 +473,64 @@ def dialog_cmd(
     dialog_loop(session, actions_file=actions, show_state=show_state)
 
 
+@app.command("index")
+def index_cmd(
+    docs: list[str] = typer.Argument(..., help=".txt/.md files, .jsonl ({id, text} per line), or directories"),
+    model: str = typer.Option("all-minilm-l6-v2", "--model", help="embedding model (encoder)"),
+    out: str = typer.Option(..., "--out", help="index directory to write"),
+    chunk_words: int = typer.Option(80, "--chunk-words", help="words per chunk"),
+    overlap: int = typer.Option(15, "--overlap", help="words shared by consecutive chunks"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+):
+    """Chunk documents, embed each chunk, and save a flat inner-product index for `llmkit ask`."""
+    from llmkit.apps.retrieval import build_index, read_documents
+    from llmkit.encoders import load_encoder
+
+    documents = read_documents(docs)
+    net, tokenizer = load_encoder(model)
+    meta = build_index(documents, net, tokenizer, out, model, chunk_words, overlap, batch_size)
+    print(f"indexed {meta['documents']} documents as {meta['chunks']} chunks ({meta['dim']} dims) in {out}")
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str = typer.Argument(None, help="the question (or --eval QUESTIONS.jsonl)"),
+    index: str = typer.Option(..., "--index", help="index directory from `llmkit index`"),
+    model: str = typer.Option(None, "--model", help="embedding model (default: the one the index was built with)"),
+    k: int = typer.Option(4, "-k", help="chunks to retrieve"),
+    chat_model: str = typer.Option("smollm2-135m-instruct", "--chat-model", help="model that writes the answer"),
+    retrieve_only: bool = typer.Option(False, "--retrieve-only", help="print the retrieved chunks, no answer"),
+    evaluate: str = typer.Option(None, "--eval", help="JSONL {question, doc}: print recall@1/3/5 instead"),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+):
+    """Answer a question from an index: retrieve the top chunks, answer with the chat model, cite them."""
+    import json
+
+    from llmkit.apps.retrieval import Index, answer_prompt, read_questions, recall_at_k
+    from llmkit.embed import embed_texts
+    from llmkit.encoders import load_encoder
+
+    if (question is None) == (evaluate is None) or k < 1:
+        raise LlmkitError("give a QUESTION or --eval QUESTIONS.jsonl (not both), and -k >= 1")
+    idx = Index(index)
+    name = model or idx.meta["model"]
+    net, tokenizer = load_encoder(name)
+    idx.check_model(net, name)
+    if evaluate:
+        print(json.dumps(recall_at_k(idx, net, tokenizer, read_questions(evaluate))))
+        return
+    hits = idx.search(embed_texts(net, tokenizer, [question]), k)[0]
+    sources = [f"[{n}] {h.doc} #{h.chunk} (score {h.score:.3f})" for n, h in enumerate(hits, 1)]
+    if retrieve_only:
+        for line, h in zip(sources, hits):
+            print(f"{line}\n    {h.text[:300]}")
+        return
+    from llmkit.chat import ask
+
+    ask(answer_prompt(question, hits), model=chat_model, out=sys.stdout, max_new_tokens=max_new_tokens)
+    print("sources:\n  " + "\n  ".join(sources))
+
+
 def _eval_qa(model: str, data: str, device: str, as_json: bool, output: str | None) -> None:
     """`eval --qa`: exact match and F1 of a span-QA model (SQuAD scoring)."""
     import json
