@@ -88,8 +88,8 @@ def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
             raise LlmkitError(f"{path} holds a {meta.get('arch', 'decoder')!r} model, not an encoder")
         config = EncoderConfig.from_dict(meta["model"])
         task, labels = meta.get("task"), meta.get("labels")
-        if task is None and _has_mlm_head(path / WEIGHTS_FILE):  # pretraining checkpoints carry no task
-            task = "mlm"
+        if task is None:  # pretraining checkpoints carry no task: their heads say which
+            task = _pretraining_task(path / WEIGHTS_FILE)
         if task in ("classify", "tag"):
             check_label_file(path, labels)
         model = _build(config, task, labels, meta)
@@ -110,12 +110,15 @@ def _build(config: EncoderConfig, task, labels, meta: dict) -> Encoder:
     return Encoder(config, task, labels)
 
 
-def _has_mlm_head(weights: Path) -> bool:
+def _pretraining_task(weights: Path) -> str | None:
     try:
         with safe_open(str(weights), "pt") as f:
-            return "mlm.dense.weight" in f.keys()
+            keys = set(f.keys())
     except Exception:  # load_weights reports a missing or corrupt file with a clear message
-        return False
+        return None
+    if "mlm.dense.weight" not in keys:
+        return None
+    return "mlm+nsp" if "nsp.classifier.weight" in keys else "mlm"
 
 
 def check_label_file(path: Path, labels) -> None:
