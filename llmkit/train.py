@@ -24,7 +24,7 @@ from tqdm import tqdm
 from llmkit import distributed, train_state
 from llmkit.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
-from llmkit.objectives import contrastive_objective, masked_lm_objective
+from llmkit.objectives import contrastive_objective, masked_lm_objective, mlm_nsp_objective
 from llmkit.optim import build_adamw, lr_at, set_lr
 from llmkit.perf import measure_peak_flops, mfu
 from llmkit.train_config import TrainConfig, load_train_config
@@ -48,6 +48,7 @@ OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], to
     "causal": causal_lm_loss,
     # encoder objectives: run by llmkit.encoder_train.EncoderTrainer, which supplies their batches
     "mlm": masked_lm_objective,
+    "mlm+nsp": mlm_nsp_objective,
     "contrastive": contrastive_objective,
 }
 

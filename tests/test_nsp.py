@@ -1,4 +1,6 @@
 """Next-sentence prediction: BertForPreTraining parity (import and export) and `--objective mlm+nsp` training."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +62,59 @@ def test_export_round_trips_through_transformers(tmp_path):
     again = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").eval()
     _compare(ours, again)
     assert set(hf_state_dict(ours)) <= set(hf.state_dict())
+
+
+# ---- training: --objective mlm+nsp --------------------------------------------------------------
+
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+if not SHAKESPEARE.exists():
+    SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+
+def test_sampler_pairs_true_and_random_segments():
+    import numpy as np
+
+    from llmkit.train.nsp import NextSentenceSampler
+
+    tokens = np.arange(10, 2010, dtype=np.uint16)  # every id once: a continuation is an exact +1 step
+    sampler = NextSentenceSampler(tokens, 16, 64, cls_id=1, sep_id=2, mask_id=3, vocab_size=3000,
+                                  special_ids=[1, 2], seed=0)
+    state = sampler.state_dict()
+    x, y = sampler.next_batch()
+    assert x.shape == (64, 16) and y.shape == (64, 33)
+    sampler.load_state_dict(state)
+    assert torch.equal(sampler.next_batch()[1], y)  # resume replays the same batch
+    labels, types, nxt = y[:, :16], y[:, 16:32], y[:, 32]
+    ids = torch.where(labels != -100, labels, x)  # undo the masking
+    assert 0.3 < nxt.float().mean() < 0.7
+    for row, t, n in zip(ids, types, nxt):
+        assert row[0] == 1 and row[-1] == 2 and (row == 2).sum() == 2
+        a, b = row[1: int((t == 0).sum()) - 1], row[int((t == 0).sum()): -1]
+        follows = bool(b[0] == a[-1] + 1)
+        assert follows == (n == 0) or (n == 1 and follows)  # a random B may follow A by chance
+
+
+def test_mlm_nsp_pretraining_trains_and_exports(tmp_path, monkeypatch, capsys):
+    if not SHAKESPEARE.exists():
+        pytest.skip(f"{SHAKESPEARE} is missing")
+    from encoderkit import run_cli
+    from llmkit.data import prepare
+    from llmkit.tokenizer import Tokenizer
+
+    corpus = tmp_path / "ts.txt"
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    prepare([corpus], tmp_path / "data", Tokenizer.train_bpe([corpus.read_text(encoding="utf-8")], 512))
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--objective", "mlm+nsp", "--data", tmp_path / "data",
+                             "--out", tmp_path / "bert", "--preset", "bert-tiny", "--max-steps", 30, "batch_size=16",
+                             "block_size=32", "model.n_embd=64", "model.intermediate_size=128", "lr=2e-3",
+                             "warmup_steps=3", "lr_decay_steps=30", "eval_interval=0", "log_interval=5",
+                             "ckpt_interval=0", "progress=false")
+    assert code == 0, err
+    import json
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "bert" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses[0] > losses[-1] + 0.5, losses  # MLM near log(513) + NSP near log(2) at the start
+    model, _ = load_encoder(tmp_path / "bert")
+    assert isinstance(model, PretrainingEncoder)
+    save_hf_bert(model, None, tmp_path / "hf")
+    _compare(model, transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").eval())
