@@ -206,8 +206,15 @@ def convert_cmd(
     to: str = typer.Option("llmkit", "--to", help="llmkit or hf"),
 ):
     """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory."""
+    from llmkit.encoders import is_encoder
     from llmkit.models import convert
 
+    if to == "hf" and is_encoder(src):  # BERT-style encoders, with their MLM / NSP heads
+        from llmkit.encoders import load_encoder
+        from llmkit.io.bert_export import save_hf_bert
+
+        print(f"wrote hf model to {save_hf_bert(*load_encoder(src), dst)}")
+        return
     out = convert(src, dst, to=to)
     print(f"wrote {to} model to {out}")
 

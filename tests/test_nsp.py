@@ -116,5 +116,6 @@ def test_mlm_nsp_pretraining_trains_and_exports(tmp_path, monkeypatch, capsys):
     assert losses[0] > losses[-1] + 0.5, losses  # MLM near log(513) + NSP near log(2) at the start
     model, _ = load_encoder(tmp_path / "bert")
     assert isinstance(model, PretrainingEncoder)
-    save_hf_bert(model, None, tmp_path / "hf")
+    code, out, _ = run_cli(monkeypatch, capsys, "convert", tmp_path / "bert", tmp_path / "hf", "--to", "hf")
+    assert code == 0 and (tmp_path / "hf" / "tokenizer.json").exists()
     _compare(model, transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").eval())
