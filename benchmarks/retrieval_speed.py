@@ -54,8 +54,8 @@ def indexing(n_chunks: int) -> None:
     from pydoc_data.topics import topics
 
     from llmkit.apps.retrieval import build_index, chunk_words
-    from llmkit.embed import embed_texts
-    from llmkit.encoders import load_encoder
+    from llmkit.infer.embed import embed_texts
+    from llmkit.io.encoders import load_encoder
 
     model, tokenizer = load_encoder("all-minilm-l6-v2")
     docs, count = [], 0
@@ -116,8 +116,8 @@ def search(sizes=(10_000, 100_000), dim: int = 384, k: int = 5) -> np.ndarray:
 
 
 def ask_latency(index) -> None:
-    from llmkit.embed import embed_texts
-    from llmkit.encoders import load_encoder
+    from llmkit.infer.embed import embed_texts
+    from llmkit.io.encoders import load_encoder
 
     model, tokenizer = load_encoder("all-minilm-l6-v2")
     questions = ["How do I stop a loop early?", "What does the with statement do?", "How are integers written?",

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from llmkit.tasks import FinetuneConfig, finetune  # noqa: E402
+from llmkit.train.tasks import FinetuneConfig, finetune  # noqa: E402
 from llmkit.train.multitask import finetune_intent_slots  # noqa: E402
 
 DATA = REPO / "examples" / "data"
@@ -28,7 +28,7 @@ DATA = REPO / "examples" / "data"
 
 def tiny_base(out: Path) -> str:
     """A randomly initialised 2-layer, 64-wide encoder with a BPE tokenizer trained on the booking texts."""
-    from llmkit.encoders import save_encoder
+    from llmkit.io.encoders import save_encoder
     from llmkit.model.encoder import Encoder, EncoderConfig
     from llmkit.tokenizer import Tokenizer
 

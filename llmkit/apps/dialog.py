@@ -43,13 +43,13 @@ class ChatReplier:
     """Rewords the policy's template message with a chat model (greedy, short)."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 60):
-        from llmkit.generate import SamplingParams
+        from llmkit.infer.generate import SamplingParams
 
         self.model, self.tokenizer = model, tokenizer
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
     def __call__(self, message: str, state: DialogState) -> str:
-        from llmkit.chat import ChatSession
+        from llmkit.infer.chat import ChatSession
 
         session = ChatSession(self.model, self.tokenizer, system=CHAT_SYSTEM, params=self.params)
         known = ", ".join(f"{k}={v}" for k, v in state.slots.items()) or "nothing yet"

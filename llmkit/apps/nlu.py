@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 import threading
 
-from llmkit.encoders import load_encoder
+from llmkit.io.encoders import load_encoder
 from llmkit.errors import LlmkitError
 from llmkit.model.heads import MultiTaskEncoder
-from llmkit.tasks import Example, predict
+from llmkit.train.tasks import Example, predict
 from llmkit.train.multitask import INTENT, SLOTS, predict_joint, slot_values
 
 WORD = re.compile(r"[\w:'-]+|[^\w\s]")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.encoders import length_sorted_batches, pad_batch
+from llmkit.io.encoders import length_sorted_batches, pad_batch
 from llmkit.errors import LlmkitError
 from llmkit.utils import read_jsonl
 

@@ -77,7 +77,7 @@ def fingerprint(model) -> str:
 def build_index(docs: list[tuple[str, str]], model, tokenizer, out_dir, model_name: str, size: int = 80,
                 overlap: int = 15, batch_size: int = 32) -> dict:
     """Chunk, embed and save; returns the index.json record."""
-    from llmkit.embed import embed_texts
+    from llmkit.infer.embed import embed_texts
 
     if size < 1 or not 0 <= overlap < size:
         raise LlmkitError(f"chunks need size >= 1 and 0 <= overlap < size (got {size}, {overlap})")
@@ -146,7 +146,7 @@ def answer_prompt(question: str, hits: list[Hit]) -> str:
 
 def recall_at_k(index: Index, model, tokenizer, questions: list[tuple[str, str]], ks=(1, 3, 5)) -> dict:
     """Share of questions whose source document is among the documents of the top-k chunks."""
-    from llmkit.embed import embed_texts
+    from llmkit.infer.embed import embed_texts
 
     hits = index.search(embed_texts(model, tokenizer, [q for q, _ in questions]), max(ks))
     return {f"recall@{k}": sum(doc in {h.doc for h in hs[:k]} for (_, doc), hs in zip(questions, hits)) / len(hits)

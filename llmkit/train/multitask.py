@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from llmkit.encoders import length_sorted_batches, load_encoder, pad_batch, read_lines, save_encoder
+from llmkit.io.encoders import length_sorted_batches, load_encoder, pad_batch, read_lines, save_encoder
 from llmkit.errors import LlmkitError
-from llmkit.metrics import accuracy, bio_spans, entity_scores
+from llmkit.eval.metrics import accuracy, bio_spans, entity_scores
 from llmkit.model.heads import MultiTaskEncoder, multitask_from
-from llmkit.tasks import Example, FinetuneConfig, _parse, _split, check_labels, encode_examples, label_list
+from llmkit.train.tasks import Example, FinetuneConfig, _parse, _split, check_labels, encode_examples, label_list
 
 INTENT, SLOTS = "intent", "slots"
 
@@ -58,7 +58,7 @@ def _labels(rows, intents: list[str], slots: list[str]) -> None:
 def fit(model: torch.nn.Module, n_examples: int, batch, cfg: FinetuneConfig, evaluate=None, log=print) -> dict:
     """AdamW, linear warmup then linear decay, clipping at 1; `batch(indices) -> (inputs dict, targets)`.
     Returns the last epoch's {"epoch", "train_loss", **evaluate()}."""
-    from llmkit.optim import build_adamw, set_lr
+    from llmkit.train.optim import build_adamw, set_lr
 
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), torch.device(cfg.device).type)
     steps_per_epoch = math.ceil(n_examples / cfg.batch_size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.objectives import mask_tokens
+from llmkit.train.losses import mask_tokens
 
 CLS_TOKENS, SEP_TOKENS = ("[CLS]", "<s>", "<|bos|>"), ("[SEP]", "</s>", "<|eos|>")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from llmkit.apps.qa import ANSWER, DEFAULT_STRIDE, batch_windows, predict_answers, qa_scores, read_qa, windows
-from llmkit.encoders import load_encoder, save_encoder
+from llmkit.io.encoders import load_encoder, save_encoder
 from llmkit.model.heads import MultiTaskEncoder, multitask_from
-from llmkit.tasks import FinetuneConfig, _split
+from llmkit.train.tasks import FinetuneConfig, _split
 from llmkit.train.multitask import fit
 
 
