@@ -1,10 +1,10 @@
 """Retrieval speed: `llmkit index` against `llmkit embed`, and `llmkit ask`'s retrieval against faiss.
 
-    .venv/bin/python benchmarks/retrieval_speed.py [--chunks 256] [--threads N]
+    .venv/bin/python benchmarks/retrieval_speed.py [--chunks 128] [--threads N]
 
 1. Indexing: the same pydoc_data.topics chunks (80 words) embedded by `embed_texts` (what `llmkit embed`
    runs) and by `build_index` (chunking + the same embedding call + writing the index), all-MiniLM-L6-v2,
-   alternating three times; chunks/s for each.
+   alternating, best of two; chunks/s for each.
 2. Retrieval: unit vectors (384 dims) in a flat index of 10k and 100k chunks; per-question latency of the
    top-5 search by llmkit's NumPy inner product + partial sort, and by faiss IndexFlatIP when faiss-cpu is
    installed (a benchmark-only dependency: `pip install faiss-cpu`), one question at a time as `ask` does.
@@ -69,14 +69,14 @@ def indexing(n_chunks: int) -> None:
     embed_texts(model, tokenizer, texts[:32])  # warm-up
     rates = {"embed (embed_texts)": [], "index (build_index)": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(3):
+        for _ in range(2):
             t = time.perf_counter()
             embed_texts(model, tokenizer, texts)
             rates["embed (embed_texts)"].append(len(texts) / (time.perf_counter() - t))
             t = time.perf_counter()
             build_index(docs, model, tokenizer, tmp, "all-minilm-l6-v2")
             rates["index (build_index)"].append(len(texts) / (time.perf_counter() - t))
-    print(f"\n1. indexing {len(texts)} chunks of 80 words, all-MiniLM-L6-v2 (best of 3)")
+    print(f"\n1. indexing {len(texts)} chunks of 80 words, all-MiniLM-L6-v2 (best of 2)")
     print(f"{'':24}{'chunks/s':>10}")
     for name, r in rates.items():
         print(f"{name:24}{max(r):>10.1f}")
@@ -131,7 +131,7 @@ def ask_latency(index) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--chunks", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:

@@ -45,17 +45,13 @@ TEMPLATES = {
 
 
 def fill(template: str, rng: random.Random) -> tuple[list[str], list[str]]:
-    words, tags = [], []
+    """Words and BIO tags: each {slot} becomes a random value of it, B- on its first word, I- on the rest."""
+    pairs = []
     for piece in template.split():
-        if piece.startswith("{"):
-            kind = piece.strip("{}")
-            value = rng.choice(VALUES[kind]).split()
-            words += value
-            tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(value) - 1)
-        else:
-            words.append(piece)
-            tags.append("O")
-    return words, tags
+        kind = piece.strip("{}") if piece.startswith("{") else None
+        words = rng.choice(VALUES[kind]).split() if kind else [piece]
+        pairs += [(w, "O" if kind is None else f"{'I' if j else 'B'}-{kind}") for j, w in enumerate(words)]
+    return [w for w, _ in pairs], [t for _, t in pairs]
 
 
 def make(n: int, seed: int, test: bool) -> list[dict]:

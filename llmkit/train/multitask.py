@@ -9,7 +9,6 @@ the loss is intent_weight * CE(intent) + slot_weight * CE(slots). `predict` give
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -18,7 +17,8 @@ from llmkit.io.encoders import length_sorted_batches, load_encoder, pad_batch, r
 from llmkit.errors import LlmkitError
 from llmkit.eval.metrics import accuracy, bio_spans, entity_scores
 from llmkit.model.heads import MultiTaskEncoder, multitask_from
-from llmkit.train.tasks import Example, FinetuneConfig, _parse, _split, check_labels, encode_examples, label_list
+from llmkit.train.tasks import (Example, FinetuneConfig, _parse, _split, check_labels, encode_examples, fit,
+                                label_list)
 
 INTENT, SLOTS = "intent", "slots"
 
@@ -53,43 +53,6 @@ def _labels(rows, intents: list[str], slots: list[str]) -> None:
     check_labels([Example(e.inputs, label, e.where) for e, label in rows if label is not None], intents)
 
 
-# ---- the training loop shared by the multi-head recipes -------------------------------------------
-
-def fit(model: torch.nn.Module, n_examples: int, batch, cfg: FinetuneConfig, evaluate=None, log=print) -> dict:
-    """AdamW, linear warmup then linear decay, clipping at 1; `batch(indices) -> (inputs dict, targets)`.
-    Returns the last epoch's {"epoch", "train_loss", **evaluate()}."""
-    from llmkit.train.optim import build_adamw, set_lr
-
-    optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), torch.device(cfg.device).type)
-    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_fraction * total)
-    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and dropout repeat run to run
-    torch.manual_seed(cfg.seed)
-    step, metrics = 0, {}
-    model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        running = 0.0
-        order = torch.randperm(n_examples, generator=gen).tolist()
-        for b in range(0, n_examples, cfg.batch_size):
-            ramp = (step + 1) / warmup if step < warmup else (total - step) / max(1, total - warmup)
-            set_lr(optimizer, cfg.lr * ramp)
-            inputs, targets = batch(order[b: b + cfg.batch_size])
-            _, loss = model(**{k: v.to(cfg.device) for k, v in inputs.items()},
-                            targets={k: v.to(cfg.device) for k, v in targets.items()})
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.item()
-            step += 1
-        metrics = {"epoch": epoch, "train_loss": running / steps_per_epoch, **(evaluate() if evaluate else {})}
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "train_loss")
-        log(f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}  {shown}")
-    model.eval()
-    return metrics
-
-
 # ---- intent + slots -----------------------------------------------------------------------------
 
 def finetune_intent_slots(base: str, train_path, out_dir, val_path=None, config: FinetuneConfig | None = None,
@@ -116,8 +79,8 @@ def finetune_intent_slots(base: str, train_path, out_dir, val_path=None, config:
     def batch(idx):
         ids, mask = pad_batch([features[i][0] for i in idx], pad)
         tags = pad_batch([features[i][1] for i in idx], -100)[0]
-        return {"input_ids": ids, "attention_mask": mask}, {INTENT: torch.tensor([intent_ids[i] for i in idx]),
-                                                            SLOTS: tags}
+        return {"input_ids": ids, "attention_mask": mask,
+                "targets": {INTENT: torch.tensor([intent_ids[i] for i in idx]), SLOTS: tags}}
 
     first = [True]
 

@@ -10,8 +10,7 @@ import torch
 from llmkit.apps.qa import ANSWER, DEFAULT_STRIDE, batch_windows, predict_answers, qa_scores, read_qa, windows
 from llmkit.io.encoders import load_encoder, save_encoder
 from llmkit.model.heads import MultiTaskEncoder, multitask_from
-from llmkit.train.tasks import FinetuneConfig, _split
-from llmkit.train.multitask import fit
+from llmkit.train.tasks import FinetuneConfig, _split, fit
 
 
 def finetune_qa(base: str, train_path, out_dir, val_path=None, config: FinetuneConfig | None = None,
@@ -31,7 +30,7 @@ def finetune_qa(base: str, train_path, out_dir, val_path=None, config: FinetuneC
 
     def batch(idx):
         items = [rows[i] for i in idx]
-        return batch_windows(items, pad), {ANSWER: torch.tensor([w.target for w in items])}
+        return {**batch_windows(items, pad), "targets": {ANSWER: torch.tensor([w.target for w in items])}}
 
     def evaluate():
         return qa_scores(val, predict_answers(model, tokenizer, val, stride)) if val else {}
