@@ -124,8 +124,8 @@ def generate_cmd(
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     import torch
 
-    from llmkit.fast import decode_layout
     from llmkit.generate import SamplingParams, generate, stream
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.models import resolve_model
 
     if (prompt is None) == (prompt_file is None):
@@ -137,8 +137,8 @@ def generate_cmd(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
+    optimize_for_inference(net, single_row=prompt_file is None)
     if prompt_file is None:
-        decode_layout(net)  # one sequence at a time: batch-1 decoding
         for i in range(num_samples):
             if i:
                 print("\n---")
@@ -182,8 +182,8 @@ def chat_cmd(
     import torch
 
     from llmkit.chat import ChatSession, chat_loop
-    from llmkit.fast import decode_layout
     from llmkit.generate import SamplingParams
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.models import resolve_model
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -191,7 +191,7 @@ def chat_cmd(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
-    chat_loop(ChatSession(decode_layout(net), tokenizer, system=system, params=params))
+    chat_loop(ChatSession(optimize_for_inference(net, single_row=True), tokenizer, system=system, params=params))
 
 
 @app.command("convert")
@@ -329,12 +329,13 @@ def embed_cmd(
     """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
     from llmkit.embed import embed_texts, jsonl_lines, write_embeddings
     from llmkit.encoders import load_encoder, read_lines
+    from llmkit.infer.cpu import optimize_for_inference
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
     texts = read_lines(input_file)
     net, tokenizer = load_encoder(model, device=device)
-    vectors = embed_texts(net, tokenizer, texts, batch_size=batch_size)
+    vectors = embed_texts(optimize_for_inference(net), tokenizer, texts, batch_size=batch_size)
     if out is None:
         sys.stdout.writelines(jsonl_lines(texts, vectors))
     else:

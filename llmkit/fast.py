@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from llmkit import kernels
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import apply_rotary, half_matmuls_in_float32
+from llmkit.model.layers import apply_rotary
 
 
 def block_step(block, x, k_cache, v_cache, cos, sin, positions, mask):
@@ -44,27 +44,6 @@ def block_step(block, x, k_cache, v_cache, cos, sin, positions, mask):
     y = y.to(x.dtype)
     x = x + attn.proj(y.transpose(1, 2).reshape(B, T, H * D))
     return x + block.mlp(block.mlp_norm(x))
-
-
-def decode_layout(model):
-    """Store every linear weight column-major (the same values, transposed in memory) where PyTorch's
-    BLAS decodes batch-1 steps; returns `model`.
-
-    A one-token decode step is a matrix-vector product per weight, bound by reading the weights.
-    llmkit's own kernel (llmkit.kernels) wants them row-major, as they are; without it, BLAS streams an
-    fp32 (out, in) matrix about 1.8x faster laid out as its transpose (SmolLM2-135M, 2 cores: 17 GB/s
-    instead of 10), while CPU bf16 products are ~15x slower transposed. Batched decoding (the server's
-    16 rows) is slower with it, so only batch-1 paths (generate, chat) use it. A no-op off the CPU;
-    checkpoints are saved contiguous as before.
-    """
-    weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or kernels.available():
-        return model
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):  # a tied lm_head shares its Parameter with the embedding
-                module.weight.data = module.weight.data.t().contiguous().t()
-    return model
 
 
 _compiled_block_step = None
@@ -98,7 +77,7 @@ class CompiledDecoder(nn.Module):
         weight = model.embed.weight
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         # Zeros, not empty: masked slots still meet V in the weighted sum, and 0 * NaN would be NaN.
-        cache_dtype = model.kv_dtype()
+        cache_dtype = model.cache_dtype or weight.dtype
         self.register_buffer("k", torch.zeros(shape, dtype=cache_dtype, device=weight.device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=cache_dtype, device=weight.device), persistent=False)
         self._slots = torch.arange(max_len, device=weight.device)
@@ -126,8 +105,7 @@ class CompiledDecoder(nn.Module):
         if T >= self.max_len:
             raise LlmkitError(f"a prompt of {T} tokens leaves no room in a cache of {self.max_len}")
         self.pos = T
-        with half_matmuls_in_float32(self.model.embed.weight, idx.numel()):
-            return self._forward(idx, torch.arange(T, device=idx.device), block_step)
+        return self._forward(idx, torch.arange(T, device=idx.device), block_step)
 
     @torch.inference_mode()
     def decode(self, idx: torch.Tensor) -> torch.Tensor:

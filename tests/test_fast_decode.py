@@ -4,7 +4,8 @@ import torch
 
 from llmkit.config import preset
 from llmkit.errors import LlmkitError
-from llmkit.fast import CompiledDecoder, decode_layout
+from llmkit.fast import CompiledDecoder
+from llmkit.infer.cpu import decode_layout, optimize_for_inference
 from llmkit.model.decoder import GPT
 
 
@@ -42,6 +43,7 @@ def test_cache_limits():
 def test_bf16_model_keeps_an_fp32_cache():
     torch.manual_seed(0)
     model = GPT(preset("llama-tiny", n_layer=2, vocab_size=97)).eval().to(torch.bfloat16)
+    optimize_for_inference(model)  # the CPU swaps choose the fp32 cache
     ids = torch.randint(0, 97, (1, 9))
     decoder = CompiledDecoder(model, max_len=16, compile=False)
     assert decoder.k.dtype == torch.float32

@@ -9,8 +9,7 @@ from llmkit.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from llmkit.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
 from llmkit.model.decoder import GPT
-from llmkit.model import layers
-from llmkit.model.layers import RMSNorm, SinusoidalPositions, matmul_attention
+from llmkit.model.layers import RMSNorm, SinusoidalPositions
 
 STYLES = {
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
@@ -92,51 +91,10 @@ def test_bf16_cache_matches_full_forward(style):
     with torch.no_grad():
         full, _ = model(idx)
         cache = model.new_cache(2, 12)
-        assert cache.k[0].dtype == torch.float32  # on CPU: float32 attention beside bf16 weights
+        assert cache.k[0].dtype == torch.bfloat16  # the plain model caches in its weights' dtype
         stepped = torch.cat([model(idx[:, :5], cache=cache)[0], model(idx[:, 5:], cache=cache)[0]], 1)
     assert full.dtype == torch.bfloat16
     torch.testing.assert_close(stepped.float(), full.float(), atol=2e-2, rtol=0)
-
-
-def test_half_precision_linears_over_many_rows_run_in_float32():
-    """CPU bf16/fp16 GEMMs of >= 8 rows are computed as upcast fp32 GEMMs; one-row products are not."""
-    weight, bias = torch.randn(48, 32).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
-    many, one = torch.randn(2, 4, 32).to(torch.bfloat16), torch.randn(1, 32).to(torch.bfloat16)
-    with layers.HalfMatmulsInFloat32():
-        got_many = torch.nn.functional.linear(many, weight, bias)
-        got_one = torch.nn.functional.linear(one, weight, bias=bias)
-    assert got_many.dtype == torch.bfloat16
-    assert torch.equal(got_many, torch.nn.functional.linear(many.float(), weight.float(), bias.float()).to(torch.bfloat16))
-    assert torch.equal(got_one, torch.nn.functional.linear(one, weight, bias))
-
-
-def test_bf16_prefill_uses_float32_matmuls_only_without_native_support(monkeypatch):
-    model = make("llama").to(torch.bfloat16)
-    idx = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))
-    seen = []
-    real = layers.HalfMatmulsInFloat32.__torch_function__
-
-    def spy(self, func, types, args=(), kwargs=None):
-        seen.append(func)
-        return real(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(layers.HalfMatmulsInFloat32, "__torch_function__", spy)
-    monkeypatch.setattr(layers, "cpu_has_half_matmuls", lambda dtype: False)
-    with torch.no_grad():
-        upcast, _ = model(idx)
-        assert torch.nn.functional.linear in seen
-        seen.clear()
-        model(idx[:, :1])  # a single row: left in bf16
-        model.train()
-        with torch.enable_grad():
-            model(idx)  # training: untouched
-        assert not seen
-        model.eval()
-        monkeypatch.setattr(layers, "cpu_has_half_matmuls", lambda dtype: True)
-        native, _ = model(idx)
-        assert not seen
-    # same products, fp32 accumulation either way: only the bf16 rounding of intermediates may differ
-    assert (upcast.float() - native.float()).abs().max() < 0.1 * native.float().abs().max()
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -316,35 +274,6 @@ def test_llama_style_matches_transformers():
     idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("style", ["gpt2", "llama"])  # llama: grouped-query heads
-def test_short_cpu_attention_path_matches_sdpa(style, monkeypatch):
-    """Short CPU sequences attend through matmul_attention; loss and every gradient equal SDPA's."""
-    gen = torch.Generator().manual_seed(11)
-    idx, targets = torch.randint(0, 97, (3, 32), generator=gen), torch.randint(0, 97, (3, 32), generator=gen)
-    calls = []
-    monkeypatch.setattr(layers, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
-    results = {}
-    for short in (layers.SHORT_ATTENTION, 0):  # 0: every length takes SDPA
-        monkeypatch.setattr(layers, "SHORT_ATTENTION", short)
-        model = make(style).train()
-        loss = model(idx, targets)[1]
-        loss.backward()
-        results[short] = (loss, {n: p.grad for n, p in model.named_parameters()})
-    assert len(calls) == 2  # one per layer, in the first run only
-    (loss_mm, grads_mm), (loss_sdpa, grads_sdpa) = results.values()
-    torch.testing.assert_close(loss_mm, loss_sdpa, atol=1e-6, rtol=1e-6)
-    for name, grad in grads_sdpa.items():
-        torch.testing.assert_close(grads_mm[name], grad, atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_matmul_attention_drops_attention_weights_in_training():
-    q = k = v = torch.randn(2, 2, 8, 4)
-    torch.testing.assert_close(matmul_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    torch.manual_seed(0)
-    dropped = matmul_attention(q, k, v, dropout_p=0.5)
-    assert not torch.allclose(dropped, matmul_attention(q, k, v))
 
 
 @pytest.mark.slow

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import (CausalSelfAttention, KVCache, Linear, RotaryEmbedding, SinusoidalPositions,
-                                 half_matmuls_in_float32, make_mlp, make_norm)
+from llmkit.model.layers import (CausalSelfAttention, KVCache, RotaryEmbedding, SinusoidalPositions, make_mlp,
+                                 make_norm)
 
 
 class Block(nn.Module):
@@ -58,9 +58,10 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.cache_dtype = None  # dtype of cached keys/values; None: the weights'
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -104,14 +105,13 @@ class GPT(nn.Module):
         if self.drop is not None:
             x = self.drop(x)
         mask, causal = self._attention_mask(T, start, attn_mask, idx.device)
-        with half_matmuls_in_float32(self.embed.weight, B * T):
-            for block in self.blocks:
-                x = block(x, rope, cache, mask, causal)
-            if cache is not None:
-                cache.advance(T)
-            if last_only:
-                x = x[:, -1:]
-            logits = self.lm_head(self.final_norm(x))
+        for block in self.blocks:
+            x = block(x, rope, cache, mask, causal)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.final_norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -138,19 +138,12 @@ class GPT(nn.Module):
             mask = mask & (attn_mask.bool()[:, None, None, :] | (keys == slots))  # (B, 1, T, S)
         return mask, False
 
-    def kv_dtype(self, device=None) -> torch.dtype:
-        """The dtype keys/values are cached in: the weights' dtype, except on CPU, where it is float32.
-        CPU attention in bf16/fp16 is several times slower (0.4 ms instead of 0.15 per SmolLM2 layer
-        at 600 keys), and the cache is small next to the weights."""
-        weight = self.embed.weight
-        return torch.float32 if torch.device(device or weight.device).type == "cpu" else weight.dtype
-
     def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """A preallocated KV cache for `batch_size` rows and `max_len` slots (default block_size)."""
         cfg = self.config
         device = device or self.embed.weight.device
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
-                       device=device, dtype=dtype or self.kv_dtype(device))
+                       device=device, dtype=dtype or self.cache_dtype or self.embed.weight.dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (a tied embedding counted once). non_embedding drops the lookup tables that

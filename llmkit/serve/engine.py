@@ -21,6 +21,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.generate import Completion, sample_next
+from llmkit.infer.cpu import optimize_for_inference
 from llmkit.serve.batch_cache import BatchCache
 from llmkit.serve.prefill import Prefiller
 
@@ -101,7 +102,7 @@ class Engine:
                  context: int | None = None, timeout: float | None = 600.0, prefill_budget: int = 2048):
         if max_batch < 1 or max_queue < 1:
             raise LlmkitError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be at least 1")
-        self.model = model.eval()
+        self.model = optimize_for_inference(model.eval())
         self.tokenizer = tokenizer
         block = model.config.block_size
         self.context = min(context or block, block)
