@@ -38,7 +38,7 @@ def test_kv_cache_matches_full_forward(style):
         cache = model.new_cache(2, 24)
         steps = [model(idx[:, :6], cache=cache)[0]]
         steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(6, 20)]
-        assert cache.pos == 20
+        assert cache.lengths == [20, 20]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
         # chunked prefill: uneven chunks, each attending to the cached ones
         cache = model.new_cache(2)
@@ -47,41 +47,36 @@ def test_kv_cache_matches_full_forward(style):
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_left_padded_rows_match_unpadded(style):
-    """A left-padded batch with attn_mask and per-row positions gives each row its own logits."""
+def test_rows_of_different_lengths_match_unpadded(style):
+    """A right-padded batch told each row's length, then steps with each row at its own position:
+    every row gets the logits it has alone."""
     model = make(style)
     gen = torch.Generator().manual_seed(2)
     rows = [torch.randint(0, 97, (n,), generator=gen) for n in (9, 5, 1)]
-    P = 9
-    idx = torch.zeros(3, P, dtype=torch.long)
-    mask = torch.zeros(3, P, dtype=torch.bool)
-    positions = torch.zeros(3, P, dtype=torch.long)
+    idx = torch.zeros(3, 9, dtype=torch.long)
     for i, r in enumerate(rows):
-        idx[i, P - len(r):], mask[i, P - len(r):] = r, True
-        positions[i, P - len(r):] = torch.arange(len(r))
+        idx[i, :len(r)] = r
     with torch.no_grad():
-        cache = model.new_cache(3, P + 2)
-        batched, _ = model(idx, cache=cache, positions=positions, attn_mask=mask)
+        cache = model.new_cache(3, 11)
+        last, _ = model(idx, cache=cache, lengths=[9, 5, 1], last_only=True)
+        assert cache.lengths == [9, 5, 1]
         nxt = torch.tensor([[3], [4], [5]])
-        step, _ = model(nxt, cache=cache, positions=positions[:, -1:] + 1,
-                        attn_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], 1))
+        step, _ = model(nxt, cache=cache)
         for i, r in enumerate(rows):
             alone, _ = model(torch.cat([r, nxt[i]])[None])
-            assert torch.isfinite(batched[i]).all()
-            torch.testing.assert_close(batched[i, P - len(r):], alone[0, :-1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(last[i, 0], alone[0, len(r) - 1], atol=1e-5, rtol=0)
             torch.testing.assert_close(step[i, 0], alone[0, -1], atol=1e-5, rtol=0)
 
 
 def test_padding_mask_never_leaves_a_query_without_keys():
-    attn_mask = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
-    mask, causal = GPT._attention_mask(4, 1, attn_mask, "cpu")  # slots 1..4 are new, slot 1 is padding
-    assert mask.shape == (2, 1, 4, 5) and not causal
-    padded = [[0, 1, 0, 0, 0],   # a padding query sees only itself: no empty (NaN) softmax row
-              [0, 0, 1, 0, 0],   # real queries never see padding
-              [0, 0, 1, 1, 0],
-              [0, 0, 1, 1, 1]]
+    mask = GPT._padding_mask(torch.tensor([[True, True, False, False], [True, True, True, True]]))
+    assert mask.shape == (2, 1, 4, 4)
+    padded = [[1, 0, 0, 0],
+              [1, 1, 0, 0],   # real queries never see padding
+              [1, 1, 1, 0],   # a padding query sees its own slot: no empty (NaN) softmax row
+              [1, 1, 0, 1]]
     assert torch.equal(mask[0, 0], torch.tensor(padded).bool())
-    assert torch.equal(mask[1, 0], torch.ones(4, 5).tril(1).bool())
+    assert torch.equal(mask[1, 0], torch.ones(4, 4).tril().bool())
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
+from llmkit.model.cache import LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -112,44 +113,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer for up to `max_len` positions, written in place as decoding proceeds.
-
-    Per layer: k, v of shape (B, K, max_len, D). `pos` counts the slots already filled; the model
-    writes slots pos..pos+T-1 during a call, attends over 0..pos+T-1, then advances `pos` by T.
-    """
-
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=None):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        # empty, not zeros: a slot is always written before any attention reads it
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
-        self.batch_size = batch_size
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's (B, K, T, D) keys/values; return all keys/values so far (views, no copy)."""
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.pos += n
-
-    def reset(self) -> None:
-        self.pos = 0
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with one fused q/k/v projection."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int = 0):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.layer_idx = layer_idx
         # rows of the fused weight: all q heads, then k heads, then v heads (the fixed interop layout)
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
                           bias=config.qkv_bias)
@@ -157,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, causal: bool = True):
+    def forward(self, x, rope=None, cache: LayerCache | None = None, mask=None, causal: bool = True):
         """x (B, T, C). `mask` is a bool (T, S) or (B, 1, T, S) tensor, True = may attend; with
         mask None, `causal` selects plain causal attention (T == S) or attention to every key."""
         B, T, _ = x.shape
@@ -171,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass for both
         q, k = qk.split((H, K), dim=1)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(k, v)
             q = q.to(k.dtype)  # a float32 cache beside bf16 weights (CPU): attention runs in float32
         y = self.attend(q, k, v, mask, causal, cache)
         y = self.proj(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
