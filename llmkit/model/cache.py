@@ -33,7 +33,7 @@ class LayerCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, rows: int, step: Step, end: int, index=None):
         self.k, self.v, self.rows, self.end, self.index = k, v, rows, end, index
         self.start, self.positions = step.start, step.positions
-        # the decode kernel's slot limit when attention spans the whole static cache
+        # static cache: the last slot each row may read, for attention that skips the masked tail
         self.last_slot = step.positions if step.positions is not None and step.positions.dim() == 1 else None
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
