@@ -103,8 +103,10 @@ class GPT(nn.Module):
             x = block(x, rope, None if cache is None else cache.layer(i), mask, causal)
         if cache is not None:
             cache.advance(T if lengths is None else list(lengths))
-        if last_only:
-            x = x[:, -1:] if lengths is None else x[torch.arange(B), torch.as_tensor(lengths) - 1][:, None]
+        if last_only and lengths is not None:  # each row's last real token
+            x = x[torch.arange(B, device=x.device), torch.as_tensor(lengths, device=x.device) - 1][:, None]
+        elif last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.final_norm(x))
         loss = None
         if targets is not None:
