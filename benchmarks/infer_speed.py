@@ -17,10 +17,10 @@ Engines:
   matmul-floor     not a model: one batch-1 F.linear per weight matrix, i.e. all weights streamed once
                    by PyTorch's own matrix-vector kernels (in the faster of row- and column-major
                    layout): what a model built on PyTorch's matmuls cannot beat
-  llmkit           llmkit.model GPT with llmkit.infer.cpu's swaps, eager, through llmkit.generate.Decoder
+  llmkit           llmkit.model GPT with llmkit.infer.cpu's swaps, eager, through llmkit.infer.generate.Decoder
                    as `llmkit generate` and `llmkit chat` run it: one-row products, decode attention
-                   and RMSNorm through llmkit.kernels (which stream the weights faster than the floor)
-  llmkit-pytorch   the same with llmkit.kernels switched off (LLMKIT_KERNELS=0): PyTorch's ops only,
+                   and RMSNorm through llmkit.infer.kernels (which stream the weights faster than the floor)
+  llmkit-pytorch   the same with llmkit.infer.kernels switched off (LLMKIT_KERNELS=0): PyTorch's ops only,
                    fp32 weights column-major (llmkit.infer.cpu.decode_layout)
   llmkit-compiled  Decoder(compile=True) (static KV cache, compiled block; "warm-up s" includes
                    compiling it)
@@ -72,9 +72,9 @@ def timed(fn) -> tuple[float, float]:
 
 
 def run_llmkit(model_dir, dtype, ids, new_tokens, repeats, compiled):
-    from llmkit.interop.hf import load_hf
+    from llmkit.io.hf import load_hf
 
-    from llmkit.generate import Decoder
+    from llmkit.infer.generate import Decoder
     from llmkit.infer.cpu import optimize_for_inference
 
     model, _ = load_hf(model_dir)
@@ -104,7 +104,7 @@ def run_floor(model_dir, dtype, repeats):
     streaming all weights from memory once, with no norms, attention or framework in between."""
     import torch.nn.functional as F
 
-    from llmkit.interop.hf import load_hf
+    from llmkit.io.hf import load_hf
 
     model, _ = load_hf(model_dir)
     weights = [m.weight.to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -214,8 +214,8 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from llmkit.interop.hf import save_hf
-    from llmkit.models import resolve_model
+    from llmkit.io.hf import save_hf
+    from llmkit.io.resolve import resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = resolve_model("smollm2-135m-instruct")

@@ -1,10 +1,10 @@
-"""llmkit.generate.Decoder, the one decode path: ragged rows, the compiled option, cache limits."""
+"""llmkit.infer.generate.Decoder, the one decode path: ragged rows, the compiled option, cache limits."""
 import pytest
 import torch
 
-from llmkit.config import preset
+from llmkit.model.config import preset
 from llmkit.errors import LlmkitError
-from llmkit.generate import CompiledBlock, Decoder
+from llmkit.infer.generate import CompiledBlock, Decoder
 from llmkit.infer.cpu import decode_layout, optimize_for_inference
 from llmkit.model.decoder import GPT
 
@@ -92,8 +92,8 @@ def test_bf16_model_keeps_an_fp32_cache():
 def test_decode_layout_keeps_values_and_checkpoints(name, tmp_path, monkeypatch):
     """Column-major weights where PyTorch's BLAS decodes: same logits (tied head included), and the
     checkpoint still saves and loads. llmkit's own kernel reads them row-major, as they are."""
-    from llmkit import kernels
-    from llmkit.checkpoint import load_checkpoint, save_checkpoint
+    from llmkit.infer import kernels
+    from llmkit.io.checkpoint import load_checkpoint, save_checkpoint
     from llmkit.tokenizer import Tokenizer
 
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import make_data_dir, tiny_config
+from conftest import make_data_dir, tiny_config
 
-from llmkit import kernels
-from llmkit.config import ModelConfig
+from llmkit.infer import kernels
+from llmkit.model.config import ModelConfig
 from llmkit.infer import cpu
 from llmkit.infer.cpu import CpuAttention, CpuEncoderAttention, CpuLinear, CpuRMSNorm, optimize_for_inference
 from llmkit.model.decoder import GPT
@@ -116,7 +116,7 @@ def test_encoder_swap_gives_the_same_embeddings(monkeypatch):
 
 def test_training_never_takes_the_inference_routes(tmp_path, monkeypatch):
     """The Trainer runs (and evaluates) the plain modules: no swap, no kernel call."""
-    from llmkit.train import Trainer
+    from llmkit.train.trainer import Trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("inference route taken in training")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from llmkit.chat import ChatSession
-from llmkit.checkpoint import load_checkpoint
-from llmkit.generate import SamplingParams, generate, stream
+from llmkit.infer.chat import ChatSession
+from llmkit.io.checkpoint import load_checkpoint
+from llmkit.infer.generate import SamplingParams, generate, stream
 from llmkit.serve import create_app
 from llmkit.serve.engine import Engine
-from serve_support import make_tiny_model, server_thread
+from conftest import make_tiny_model, server_thread
 
 pytestmark = pytest.mark.timeout(180)
 

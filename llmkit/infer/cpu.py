@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkit import kernels
+from llmkit.infer import kernels
 from llmkit.model import encoder
 from llmkit.model.layers import CausalSelfAttention, RMSNorm
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.cache import KVCache
 from llmkit.model.layers import CausalSelfAttention, RotaryEmbedding, SinusoidalPositions, make_mlp, make_norm

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.model.cache import LayerCache
 
 

@@ -3,7 +3,7 @@
     from llmkit.serve import build_app, serve
     serve("smollm2-135m-instruct", port=8000)          # blocks; Ctrl-C stops it
 
-Pieces: engine.py (the batching scheduler over llmkit.generate's Decoder), prefill.py (newcomers'
+Pieces: engine.py (the batching scheduler over llmkit.infer.generate's Decoder), prefill.py (newcomers'
 prompts, shared prefixes reused), app.py (routes), openai_stream.py (requests to
 jobs, events to OpenAI JSON/SSE), gate.py (auth, body limit, request metrics), metrics.py,
 schemas.py (pydantic bodies = the OpenAPI schema), embeddings.py, static/ (the chat page).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.serve.app import create_app
-from llmkit.generate import SamplingParams
+from llmkit.infer.generate import SamplingParams
 from llmkit.serve.engine import Engine
 
 __all__ = ["Engine", "SamplingParams", "build_app", "create_app", "serve", "served_name"]
@@ -42,7 +42,7 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
             raise LlmkitError(f"--model {model} is already an embedding model; drop --embedding-model")
         model, embedding_model = None, model
     if model is not None:
-        from llmkit.models import resolve_model
+        from llmkit.io.resolve import resolve_model
 
         net, tokenizer = resolve_model(model, dtype=dtype)
         engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,

@@ -3,9 +3,9 @@
 One thread owns the model. Between two decode steps it drops sequences whose client
 left or whose time ran out, admits waiting ones into free rows of the KV cache (prefill.py
 computes their prompts' keys/values, which are copied into those rows), then advances every
-active row by one token with llmkit.generate's Decoder.step: each row of the cache keeps its
+active row by one token with llmkit.infer.generate's Decoder.step: each row of the cache keeps its
 own length, so rows of any age decode together. Sampling and text (stop strings, stop tokens,
-incremental detokenization) are llmkit.generate's too.
+incremental detokenization) are llmkit.infer.generate's too.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.generate import Completion, Decoder, SamplingParams, sample
+from llmkit.infer.generate import Completion, Decoder, SamplingParams, sample
 from llmkit.infer.cpu import optimize_for_inference
 from llmkit.serve.prefill import Prefiller
 
@@ -75,7 +75,7 @@ class Job:
 class Sequence:
     def __init__(self, job: Job, index: int, prompt: list[int], params: SamplingParams, tokenizer, stop_ids):
         self.job, self.index, self.prompt, self.params = job, index, prompt, params
-        # text, stop strings and stop tokens, as llmkit.generate handles them
+        # text, stop strings and stop tokens, as llmkit.infer.generate handles them
         self.completion = Completion(tokenizer, prompt, params.stop, () if params.ignore_eos else stop_ids)
         # a seeded request draws from its own generator, so other requests cannot change its tokens
         self.generator = None

@@ -14,7 +14,7 @@ import time
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmkit.errors import LlmkitError
-from llmkit.generate import SamplingParams
+from llmkit.infer.generate import SamplingParams
 from llmkit.serve import schemas as S
 from llmkit.serve.engine import QueueFull
 

@@ -3,14 +3,14 @@ last prompt token, computed with as little repeated work as possible.
 
 Prompts admitted together usually start alike (a chat template's system turn), so their common
 prefix runs once; the rest of every prompt runs as one right-padded batch through
-llmkit.generate's Decoder.prefill, so the weights are read once for all newcomers instead of once
+llmkit.infer.generate's Decoder.prefill, so the weights are read once for all newcomers instead of once
 per prompt. The keys/values of the last prompt are kept: a later prompt that starts the same way
 (the same system turn, or the next turn of that conversation) copies that part instead of
 recomputing it.
 """
 from __future__ import annotations
 
-from llmkit.generate import Decoder
+from llmkit.infer.generate import Decoder
 
 MIN_SHARED_PREFIX = 4  # shorter shared prefixes are recomputed: copying them saves nothing
 
