@@ -28,6 +28,9 @@ def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
                                      help="optional YAML config, then overrides like lr=3e-4 model.n_layer=6"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in out_dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the checkpoint already in out_dir"),
+    init_from: str = typer.Option(None, "--init-from", help="start from this model's weights (continued "
+                                  "pretraining): a model name, .gguf, llmkit or HF dir; prepare with its tokenizer"),
     data: str = typer.Option(None, "--data", help="prepared data dir (data_dir=...)"),
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
     preset: str = typer.Option(None, "--preset", help="model preset name"),
@@ -42,7 +45,7 @@ def train(
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
-                               objective=objective)
+                               objective=objective, init_from=init_from, overwrite=overwrite or None)
     if config.objective in ENCODER_OBJECTIVES:
         from llmkit.encoder_train import EncoderTrainer
 
