@@ -80,6 +80,31 @@ def load_weights(model: torch.nn.Module, weights_path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def load_model_weights(model: torch.nn.Module, path: Path, meta: dict) -> None:
+    """Weights from model.safetensors, or from the shards a strategy=fsdp run wrote (gathered here)."""
+    if meta.get("sharded"):
+        from llmkit.io import sharded
+
+        sharded.load_weights(path / sharded.SHARDS, model)
+    else:
+        load_weights(model, path / WEIGHTS_FILE)
+
+
+def weight_names(path: Path, meta: dict) -> set[str]:
+    """The tensor names stored in a model directory (empty when unreadable: loading reports that)."""
+    from safetensors import safe_open
+
+    try:
+        if meta.get("sharded"):
+            from llmkit.io import sharded
+
+            return sharded.weight_names(path / sharded.SHARDS)
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            return set(f.keys())
+    except Exception:  # noqa: BLE001 - a missing or corrupt file is reported by the load that follows
+        return set()
+
+
 def load_checkpoint(path, device="cpu"):
     """Load (model, tokenizer) from an llmkit model directory."""
     from llmkit.model.decoder import GPT
@@ -91,12 +116,7 @@ def load_checkpoint(path, device="cpu"):
         raise LlmkitError(f"{path} holds a {meta['arch']!r} model, not a decoder")
     config = ModelConfig.from_dict(meta["model"])
     model = GPT(config)
-    if meta.get("sharded"):  # written by strategy=fsdp: one shard per rank, gathered here
-        from llmkit.io.sharded import load_weights as load_sharded
-
-        load_sharded(path / "shards", model)
-    else:
-        load_weights(model, path / WEIGHTS_FILE)
+    load_model_weights(model, path, meta)
     tok_path = path / TOKENIZER_FILE
     if not tok_path.exists():
         raise LlmkitError(f"missing tokenizer {tok_path}")

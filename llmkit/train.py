@@ -170,21 +170,21 @@ class Trainer:
 
     def _resume(self) -> None:
         state = train_state.load(self.out_dir, self.raw_model, self.model_config.to_dict(), weights=not self.sharded)
-        if self.sharded:
+        if self.sharded:  # weights and optimizer moments, resharded to this world size
             sharded.load(snapshots.current(self.out_dir) / sharded.SHARDS, self.raw_model, self.optimizer)
-            state["optimizer"] = self.optimizer.state_dict()  # already loaded, shard by shard
         self.load_training_state(state)
 
     def training_state(self) -> dict:
         """Everything besides the weights needed to continue exactly (plain tensors/containers)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "optimizer": sharded.SHARDS if self.sharded else self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.train_sampler.state_dict(), "rng": train_state.capture_rng(),
                 "config": self.config.to_dict()}
 
     def load_training_state(self, state: dict) -> None:
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not self.sharded:
+                self.optimizer.load_state_dict(state["optimizer"])
             if "scaler" in state and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             self.train_sampler.load_state_dict(state["sampler"])
@@ -357,10 +357,8 @@ class Trainer:
 
     def write_checkpoint(self, directory: Path) -> None:
         """Write this step's files into `directory` (rank 0); subclasses add or swap files."""
-        state = self.training_state()
-        if self.sharded:
-            del state["optimizer"]  # in the shards
-        train_state.write(directory, self.raw_model, state, self.tokenizer_file, weights=not self.sharded)
+        train_state.write(directory, self.raw_model, self.training_state(), self.tokenizer_file,
+                          weights=not self.sharded)
 
     def close(self) -> None:
         if getattr(self, "_metrics", None) is not None:

@@ -58,3 +58,11 @@ def load_weights(directory, model: torch.nn.Module) -> None:
         except (RuntimeError, ValueError, KeyError, OSError) as e:
             raise LlmkitError(f"{directory} does not match the model config: {str(e).splitlines()[0]}") from None
     model.load_state_dict(state, strict=False)
+
+
+def weight_names(directory) -> set[str]:
+    """Model tensor names recorded in a sharded checkpoint's metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return {k.removeprefix("model.") for k in keys if k.startswith("model.")}
