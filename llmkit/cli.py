@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -214,7 +215,8 @@ def convert_cmd(
 def prepare_cmd(
     inputs: list[str] = typer.Argument(..., help=".txt / .jsonl files or directories of them"),
     out: str = typer.Option(..., "--out", help="output data directory"),
-    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, or a tokenizer.json to reuse"),
+    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, a tokenizer.json to reuse, or a model "
+                                  "whose tokenizer to use (for train --init-from)"),
     vocab_size: int = typer.Option(8192, "--vocab-size", help="vocabulary size when training bpe"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of documents (or tail tokens) for val"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
@@ -227,8 +229,12 @@ def prepare_cmd(
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
         tok = Tokenizer.train_char(iter_texts(inputs))
-    else:
+    elif tokenizer.endswith(".json") or (Path(tokenizer) / "tokenizer.json").is_file():
         tok = Tokenizer.load(tokenizer)
+    else:  # a model name, .gguf file or model directory
+        from llmkit.models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     meta = prepare(inputs, out, tok, val_fraction=val_fraction, seed=seed)
     print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
           f"tokens ({meta['dtype']}, vocab {meta['vocab_size']}) in {out}")

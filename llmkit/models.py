@@ -103,6 +103,29 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(name_or_path):
+    """The tokenizer of any model `resolve_model` reads, without loading its weights."""
+    from llmkit.tokenizer import Tokenizer
+
+    path = resolve_path(name_or_path)
+    kind = model_format(path)
+    if kind == "gguf":
+        from llmkit.interop.gguf import GGUFFile, gguf_tokenizer
+        return gguf_tokenizer(GGUFFile(path))
+    if kind == "hf":
+        from llmkit.interop.hf import load_hf_tokenizer
+        from llmkit.utils import read_json
+        return load_hf_tokenizer(path, read_json(path / "config.json"))
+    return Tokenizer.load(path)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids (same vocabulary, merges and specials)."""
+    return a.hf.to_str() == b.hf.to_str() or (
+        a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(with_added_tokens=True) and a.eos_id == b.eos_id
+        and a.encode("def f(x):\n    return x  # ok") == b.encode("def f(x):\n    return x  # ok"))
+
+
 def convert(src, dst, to: str = "llmkit") -> Path:
     """Convert any model `resolve_model` reads into an llmkit ('llmkit') or Hugging Face ('hf') directory."""
     if to not in ("llmkit", "hf"):

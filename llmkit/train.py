@@ -81,6 +81,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out_dir = Path(cfg.out_dir)
         self.data_dir = Path(cfg.data_dir)
+        if cfg.init_from and type(self).build_model is not Trainer.build_model:
+            raise LlmkitError("init_from is for decoder training (`llmkit train`); this trainer takes --model")
         self._check_out_dir(resume)
         self._load_data()
         self._seed_everything(cfg.seed)
@@ -148,6 +150,8 @@ class Trainer:
 
     def build_model_config(self) -> ModelConfig:
         cfg = self.config
+        if cfg.init_from:
+            return self._init_from_config()
         vocab_size = int(self.meta["vocab_size"])
         mc = preset(cfg.preset, **{"vocab_size": vocab_size, "block_size": cfg.block_size, **cfg.model})
         if mc.vocab_size < vocab_size:
@@ -159,7 +163,32 @@ class Trainer:
     def build_model(self) -> torch.nn.Module:
         from llmkit.model.decoder import GPT
 
-        return GPT(self.model_config)
+        model = GPT(self.model_config)
+        if self.config.init_from:
+            try:
+                model.load_state_dict(self.init_model.state_dict())
+            except RuntimeError as e:
+                raise LlmkitError(f"model settings {self.config.model} do not fit the weights of "
+                                  f"{self.config.init_from}: {str(e).splitlines()[0]}") from None
+            del self.init_model
+        return model
+
+    def _init_from_config(self) -> ModelConfig:
+        """Continued pretraining: the model's own config (plus model.* overrides such as dropout) and
+        tokenizer, which must be the one the data was prepared with."""
+        from llmkit.models import load_tokenizer, resolve_model, same_tokenizer
+        from llmkit.tokenizer import Tokenizer
+
+        cfg = self.config
+        self.init_tokenizer = load_tokenizer(cfg.init_from)  # checked before the weights are read
+        if not same_tokenizer(self.init_tokenizer, Tokenizer.load(self.tokenizer_file)):
+            raise LlmkitError(f"{self.data_dir} was not prepared with the tokenizer of {cfg.init_from}; "
+                              f"prepare it with `llmkit prepare ... --tokenizer {cfg.init_from}`")
+        self.init_model, self.init_tokenizer = resolve_model(cfg.init_from)
+        mc = ModelConfig.from_dict({**self.init_model.config.to_dict(), **cfg.model})
+        if cfg.block_size > mc.block_size:
+            raise LlmkitError(f"block_size {cfg.block_size} exceeds the context of {cfg.init_from} ({mc.block_size})")
+        return mc
 
     def _sampler(self, tokens, seed: int):
         from llmkit.data import RandomWindowSampler
@@ -357,8 +386,11 @@ class Trainer:
 
     def write_checkpoint(self, directory: Path) -> None:
         """Write this step's files into `directory` (rank 0); subclasses add or swap files."""
-        train_state.write(directory, self.raw_model, self.training_state(), self.tokenizer_file,
-                          weights=not self.sharded)
+        tokenizer = getattr(self, "init_tokenizer", None)  # the model's own, with its chat template
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        train_state.write(directory, self.raw_model, self.training_state(),
+                          self.tokenizer_file if tokenizer is None else None, weights=not self.sharded)
 
     def close(self) -> None:
         if getattr(self, "_metrics", None) is not None:
