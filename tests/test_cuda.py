@@ -24,19 +24,22 @@ BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_data_dir(tmp_path_factory.mktemp("cuda-data"))
+def reference(tmp_path_factory):
+    """The data dir and the float32 CPU run's losses."""
+    root = tmp_path_factory.mktemp("cuda")
+    data_dir = make_data_dir(root)
+    Trainer(tiny_config(data_dir, root / "cpu", device="cpu", max_steps=6)).fit()
+    return data_dir, train_losses(root / "cpu")
 
 
 @pytest.fixture(scope="module")
-def cpu_losses(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cpu") / "run"
-    Trainer(tiny_config(data_dir, out, device="cpu", max_steps=6)).fit()
-    return train_losses(out)
+def data_dir(reference):
+    return reference[0]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_training_on_cuda_follows_the_cpu_run(data_dir, tmp_path, cpu_losses, dtype):
+def test_training_on_cuda_follows_the_cpu_run(reference, tmp_path, dtype):
+    data_dir, cpu_losses = reference
     if dtype == "bfloat16" and not BF16:
         pytest.skip("this GPU has no bfloat16")
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", device="cuda", dtype=dtype, max_steps=6))

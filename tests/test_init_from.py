@@ -4,7 +4,7 @@ same loader, see examples/continued_pretraining.py), and refuses data prepared w
 from __future__ import annotations
 
 import pytest
-from trainkit import make_corpus, make_data_dir, read_metrics, run_cli, tiny_config
+from trainkit import make_corpus, read_metrics, run_cli, tiny_config, trained_tiny_model
 
 from llmkit.checkpoint import load_checkpoint
 from llmkit.data import prepare
@@ -15,10 +15,7 @@ from llmkit.train import Trainer
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("init-from")
-    data = make_data_dir(root)
-    Trainer(tiny_config(data, root / "base", max_steps=3, eval_interval=3)).fit()
-    return data, root / "base"
+    return trained_tiny_model(tmp_path_factory.mktemp("init-from"), eval_interval=3)
 
 
 def val_losses(out) -> dict[int, float]:

@@ -11,7 +11,7 @@ import pytest
 from llmkit.cli import main
 from llmkit.data import prepare
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import TrainConfig
+from llmkit.train import Trainer, TrainConfig
 
 WORDS = ("the king shall speak of crowns and roses while the queen walks in gardens of stone "
          "to be or not to be that is the question whether tis nobler in the mind").split()
@@ -31,6 +31,13 @@ def make_data_dir(root: Path) -> Path:
     text = corpus.read_text(encoding="utf-8")
     prepare([corpus], root / "data", Tokenizer.train_char([text]), val_fraction=0.1)
     return root / "data"
+
+
+def trained_tiny_model(root: Path, steps: int = 3, **overrides) -> tuple[Path, Path]:
+    """(data dir, model dir) of a tiny model trained for `steps` steps under `root`."""
+    data = make_data_dir(root)
+    Trainer(tiny_config(data, root / "model", max_steps=steps, **overrides)).fit()
+    return data, root / "model"
 
 
 def tiny_config(data_dir, out_dir, model=None, **overrides) -> TrainConfig:
