@@ -48,6 +48,8 @@ class SFTTrainer(Trainer):
                  val_data=None, val_fraction: float = 0.05, merge: bool = True, resume: bool = False, log=print):
         self.model_source, self.lora, self.pack, self.merge = str(model), lora, pack, merge
         self.val_path, self.val_fraction, self.log = val_data, val_fraction, log
+        if config.strategy == "fsdp":  # its checkpoints (adapters, merged model) are written whole by rank 0
+            raise LlmkitError("finetune --task sft trains with strategy=ddp (fsdp is for `llmkit train`)")
         super().__init__(config, resume)
         trainable, total = count_parameters(self.raw_model)
         self.trainable = (trainable, total)
