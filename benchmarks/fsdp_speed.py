@@ -43,15 +43,15 @@ def rss_mb() -> float:
     return 0.0
 
 
-def worker(args) -> None:
+def worker(spec: str) -> None:
     """One torchrun rank: build the Trainer, time train_step, print one JSON line."""
     import numpy as np
-    import torch
 
     sys.path.insert(0, str(REPO))
     from llmkit.tokenizer import Tokenizer
     from llmkit.train import Trainer, load_train_config
 
+    args = argparse.Namespace(**json.loads(spec))
     row = ROWS[args.row]
     data = Path(args.data)
     rank = int(os.environ["RANK"])
@@ -86,8 +86,7 @@ def worker(args) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"rank": rank, "ms": 1000 * float(np.median(times)), "state_mb": state / 2**20,
                                   "peak_mb": peak - base}), flush=True)
-    trainer.close()
-    torch.distributed.destroy_process_group()
+    trainer.close()  # also leaves the process group it created
 
 
 def launch(row: str, strategy: str, steps: int, data: Path) -> list[dict]:
@@ -95,8 +94,8 @@ def launch(row: str, strategy: str, steps: int, data: Path) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), __file__, "--worker", "--row", row, "--strategy", strategy,
-           "--steps", str(steps), "--data", str(data)]
+           "--master_port", str(port), __file__, "--worker",
+           json.dumps({"row": row, "strategy": strategy, "steps": steps, "data": str(data)})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -117,13 +116,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", default="llama-tiny,wide")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--row", help=argparse.SUPPRESS)
-    ap.add_argument("--strategy", help=argparse.SUPPRESS)
-    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # JSON: this process is one torchrun rank
     args = ap.parse_args()
     if args.worker:
-        return worker(args)
+        return worker(args.worker)
     import torch
 
     isa = torch.backends.cpu.get_cpu_capability()

@@ -122,7 +122,7 @@ class Trainer:
             raise LlmkitError(f"out_dir {self.out_dir} exists and is not a directory")
         if not resume and not self.config.overwrite and snapshots.holds_checkpoint(self.out_dir):
             raise LlmkitError(f"{self.out_dir} already holds a checkpoint: continue it with --resume, "
-                              "or replace it with --overwrite")
+                              "or replace it with --overwrite (overwrite=true)")
         if self.dist.is_main and self.out_dir.is_dir():
             snapshots.clean(self.out_dir)
 
