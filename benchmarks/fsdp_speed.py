@@ -49,7 +49,7 @@ def worker(spec: str) -> None:
 
     sys.path.insert(0, str(REPO))
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train import Trainer, load_train_config
+    from llmkit.train.trainer import Trainer, load_train_config
 
     args = argparse.Namespace(**json.loads(spec))
     row = ROWS[args.row]

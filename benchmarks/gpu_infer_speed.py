@@ -19,8 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmkit.generate import generate  # noqa: E402
-from llmkit.models import convert, resolve_model  # noqa: E402
+from llmkit.infer.generate import generate  # noqa: E402
+from llmkit.io.resolve import convert, resolve_model  # noqa: E402
 
 PROMPT = "The for statement in Python iterates over the items of any sequence, in the order they appear. " * 8
 

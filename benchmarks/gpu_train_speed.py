@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmkit.config import preset  # noqa: E402
+from llmkit.model.config import preset  # noqa: E402
 from llmkit.model.decoder import GPT  # noqa: E402
 from llmkit.optim import build_adamw  # noqa: E402
 from llmkit.perf import measure_peak_flops, mfu  # noqa: E402
@@ -73,7 +73,7 @@ def nanogpt_loop(model, data: np.ndarray, batch: int, block: int, steps: int) ->
 
 
 def llmkit_loop(data_dir: Path, out: Path, batch: int, block: int, steps: int, init: dict) -> float:
-    from llmkit.train import Trainer, load_train_config
+    from llmkit.train.trainer import Trainer, load_train_config
 
     config = load_train_config(None, [f"data_dir={data_dir}", f"out_dir={out}", "preset=gpt2-124m",
                                       f"block_size={block}", f"batch_size={batch}", "dtype=bfloat16",

@@ -45,7 +45,7 @@ def general_text() -> tuple[str, str]:
 def perplexities(model, tokenizer, held_out, general) -> dict:
     import torch
 
-    from llmkit.evaluate import perplexity
+    from llmkit.eval.lm import perplexity
 
     with torch.no_grad():
         return {name: perplexity(model, tokens[:EVAL_TOKENS + 1], block_size=256, batch_size=4)["perplexity"]
@@ -59,10 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.data import load_split, prepare
-    from llmkit.models import load_tokenizer, resolve_model
-    from llmkit.train import Trainer, load_train_config
+    from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.data.corpus import load_split, prepare
+    from llmkit.io.resolve import load_tokenizer, resolve_model
+    from llmkit.train.trainer import Trainer, load_train_config
 
     torch.set_num_threads(2)
     out = Path(args.out)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from llmkit.encoder_train import EncoderTrainer
-from llmkit.objectives import ENCODER_OBJECTIVES
-from llmkit.train import Trainer, TrainConfig
+from llmkit.train.encoder import EncoderTrainer
+from llmkit.train.losses import ENCODER_OBJECTIVES
+from llmkit.train.trainer import Trainer, TrainConfig
 
 
 def main() -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainkit import make_data_dir, run_cli, tiny_config, train_losses
+from conftest import make_data_dir, run_cli, tiny_config, train_losses
 
-from llmkit.data import prepare
+from llmkit.data.corpus import prepare
 from llmkit.errors import LlmkitError
 from llmkit.io import snapshots
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 # saves at steps 2 and 4; dropout so that restoring the RNG state matters too
 RUN = dict(max_steps=4, lr_decay_steps=4, ckpt_interval=2, eval_interval=0,

@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
-from trainkit import make_data_dir, tiny_config, train_losses
+from conftest import make_data_dir, tiny_config, train_losses
 
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -72,7 +72,7 @@ def test_compiled_training_matches_eager(data_dir, tmp_path):
 def test_flash_sdpa_matches_the_math_kernel():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from llmkit.config import preset
+    from llmkit.model.config import preset
     from llmkit.model.decoder import GPT
 
     torch.manual_seed(0)
@@ -87,10 +87,10 @@ def test_flash_sdpa_matches_the_math_kernel():
 
 
 def test_serving_engine_on_cuda_gives_the_cpu_greedy_text(tmp_path):
-    from serve_support import make_tiny_model
+    from conftest import make_tiny_model
 
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.generate import SamplingParams, generate
+    from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.infer.generate import SamplingParams, generate
     from llmkit.serve.engine import Engine
 
     model, tok = load_checkpoint(make_tiny_model(tmp_path / "tiny"))
@@ -116,7 +116,7 @@ def test_serving_engine_on_cuda_gives_the_cpu_greedy_text(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="nccl needs two GPUs")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_nccl_two_gpus_follow_one_gpu(data_dir, tmp_path, strategy):
-    from test_fsdp import free_port
+    from conftest import free_port
 
     kw = dict(device="cuda", batch_size=8, max_steps=4, lr_decay_steps=4, eval_interval=0)
     config = tiny_config(data_dir, tmp_path / "one", **kw)

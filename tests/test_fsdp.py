@@ -9,31 +9,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from trainkit import make_data_dir, run_cli, tiny_config, train_losses
+from conftest import free_port, make_data_dir, run_cli, tiny_config, train_losses
 
-from llmkit.checkpoint import load_checkpoint
-from llmkit.encoder_train import EncoderTrainer
-from llmkit.encoders import load_encoder
-from llmkit.train import Trainer
+from llmkit.io.checkpoint import load_checkpoint
+from llmkit.train.encoder import EncoderTrainer
+from llmkit.io.encoders import load_encoder
+from llmkit.train.trainer import Trainer
 
 HERE = Path(__file__).parent
 # grad_accum=2: the first micro-step of each optimizer step must not reduce gradients
 DECODER = dict(batch_size=8, grad_accum=2, max_steps=4, lr_decay_steps=4, eval_interval=2)
 ENCODER = dict(objective="mlm", preset="bert-tiny", batch_size=8, max_steps=4, lr_decay_steps=4, eval_interval=2,
                model={"n_layer": 2, "n_head": 2, "n_embd": 32, "intermediate_size": 64})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(runs: list, tmp_path: Path, nproc: int = 2) -> None:

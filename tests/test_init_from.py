@@ -4,13 +4,13 @@ same loader, see examples/continued_pretraining.py), and refuses data prepared w
 from __future__ import annotations
 
 import pytest
-from trainkit import make_corpus, read_metrics, run_cli, tiny_config, trained_tiny_model
+from conftest import make_corpus, read_metrics, run_cli, tiny_config, trained_tiny_model
 
-from llmkit.checkpoint import load_checkpoint
-from llmkit.data import prepare
+from llmkit.io.checkpoint import load_checkpoint
+from llmkit.data.corpus import prepare
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

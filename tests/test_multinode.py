@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from test_fsdp import free_port
-from trainkit import make_data_dir, tiny_config, train_losses
+from conftest import free_port, make_data_dir, tiny_config, train_losses
 
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 SETTINGS = dict(batch_size=8, max_steps=4, lr_decay_steps=4, eval_interval=2)
 

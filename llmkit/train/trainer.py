@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llmkit import distributed, train_state
+from llmkit.train import distributed
+from llmkit.train import state as train_state
+from llmkit.model.config import ModelConfig, preset
 from llmkit.io import sharded, snapshots
-from llmkit.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
-from llmkit.objectives import contrastive_objective, masked_lm_objective
-from llmkit.optim import build_adamw, lr_at, set_lr
-from llmkit.perf import measure_peak_flops, mfu
-from llmkit.train_config import TrainConfig, load_train_config
+from llmkit.train.losses import contrastive_objective, masked_lm_objective
+from llmkit.train.optim import build_adamw, lr_at, set_lr
+from llmkit.train.perf import measure_peak_flops, mfu
+from llmkit.train.config import TrainConfig, load_train_config
 from llmkit.utils import atomic_open
 
 __all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "load_train_config"]
@@ -48,7 +49,7 @@ def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 # objective name -> loss(model, x, y). Other objectives (masked LM, contrastive) register here.
 OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "causal": causal_lm_loss,
-    # encoder objectives: run by llmkit.encoder_train.EncoderTrainer, which supplies their batches
+    # encoder objectives: run by llmkit.train.encoder.EncoderTrainer, which supplies their batches
     "mlm": masked_lm_objective,
     "contrastive": contrastive_objective,
 }
@@ -128,7 +129,7 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------------
     def _load_data(self) -> None:
-        from llmkit.data import load_meta, load_split
+        from llmkit.data.corpus import load_meta, load_split
 
         if not self.data_dir.is_dir():
             raise LlmkitError(f"data dir {self.data_dir} does not exist (create it with `llmkit prepare`)")
@@ -176,7 +177,7 @@ class Trainer:
     def _init_from_config(self) -> ModelConfig:
         """Continued pretraining: the model's own config (plus model.* overrides such as dropout) and
         tokenizer, which must be the one the data was prepared with."""
-        from llmkit.models import load_tokenizer, resolve_model, same_tokenizer
+        from llmkit.io.resolve import load_tokenizer, resolve_model, same_tokenizer
         from llmkit.tokenizer import Tokenizer
 
         cfg = self.config
@@ -191,7 +192,7 @@ class Trainer:
         return mc
 
     def _sampler(self, tokens, seed: int):
-        from llmkit.data import RandomWindowSampler
+        from llmkit.data.corpus import RandomWindowSampler
 
         # The sampler takes the per-rank batch and slices one global batch drawn identically on every rank.
         return RandomWindowSampler(tokens, self.config.block_size, self.config.batch_size // self.dist.world_size,

@@ -1,7 +1,7 @@
 """Saving and restoring everything a training run needs to continue exactly.
 
 A checkpoint is a model directory (config.json, model.safetensors, tokenizer.json; see
-llmkit.checkpoint) plus `train_state.pt`: optimizer, grad scaler, data-sampler position, every RNG
+llmkit.io.checkpoint) plus `train_state.pt`: optimizer, grad scaler, data-sampler position, every RNG
 state, step counter. With strategy=fsdp the weights and optimizer moments are instead sharded by
 torch.distributed.checkpoint (llmkit.io.sharded) and train_state.pt keeps the rest.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_weights, write_config
+from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_weights, write_config
 from llmkit.errors import LlmkitError
 from llmkit.io import sharded, snapshots
 
