@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llmkit.train import distributed
+from llmkit.train import continued, distributed
 from llmkit.train import state as train_state
 from llmkit.model.config import ModelConfig, preset
 from llmkit.io import sharded, snapshots
@@ -151,8 +151,10 @@ class Trainer:
 
     def build_model_config(self) -> ModelConfig:
         cfg = self.config
-        if cfg.init_from:
-            return self._init_from_config()
+        if cfg.init_from:  # continued pretraining: the model's own config, weights and tokenizer
+            self.init_model, self.init_tokenizer, mc = continued.load_start(
+                cfg.init_from, self.tokenizer_file, self.data_dir, cfg.block_size, cfg.model)
+            return mc
         vocab_size = int(self.meta["vocab_size"])
         mc = preset(cfg.preset, **{"vocab_size": vocab_size, "block_size": cfg.block_size, **cfg.model})
         if mc.vocab_size < vocab_size:
@@ -166,30 +168,9 @@ class Trainer:
 
         model = GPT(self.model_config)
         if self.config.init_from:
-            try:
-                model.load_state_dict(self.init_model.state_dict())
-            except RuntimeError as e:
-                raise LlmkitError(f"model settings {self.config.model} do not fit the weights of "
-                                  f"{self.config.init_from}: {str(e).splitlines()[0]}") from None
+            continued.copy_weights(model, self.init_model, self.config.init_from, self.config.model)
             del self.init_model
         return model
-
-    def _init_from_config(self) -> ModelConfig:
-        """Continued pretraining: the model's own config (plus model.* overrides such as dropout) and
-        tokenizer, which must be the one the data was prepared with."""
-        from llmkit.io.resolve import load_tokenizer, resolve_model, same_tokenizer
-        from llmkit.tokenizer import Tokenizer
-
-        cfg = self.config
-        self.init_tokenizer = load_tokenizer(cfg.init_from)  # checked before the weights are read
-        if not same_tokenizer(self.init_tokenizer, Tokenizer.load(self.tokenizer_file)):
-            raise LlmkitError(f"{self.data_dir} was not prepared with the tokenizer of {cfg.init_from}; "
-                              f"prepare it with `llmkit prepare ... --tokenizer {cfg.init_from}`")
-        self.init_model, self.init_tokenizer = resolve_model(cfg.init_from)
-        mc = ModelConfig.from_dict({**self.init_model.config.to_dict(), **cfg.model})
-        if cfg.block_size > mc.block_size:
-            raise LlmkitError(f"block_size {cfg.block_size} exceeds the context of {cfg.init_from} ({mc.block_size})")
-        return mc
 
     def _sampler(self, tokens, seed: int):
         from llmkit.data.corpus import RandomWindowSampler
