@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -28,6 +29,9 @@ def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
                                      help="optional YAML config, then overrides like lr=3e-4 model.n_layer=6"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in out_dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the checkpoint already in out_dir"),
+    init_from: str = typer.Option(None, "--init-from", help="start from this model's weights (continued "
+                                  "pretraining): a model name, .gguf, llmkit or HF dir; prepare with its tokenizer"),
     data: str = typer.Option(None, "--data", help="prepared data dir (data_dir=...)"),
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
     preset: str = typer.Option(None, "--preset", help="model preset name"),
@@ -42,7 +46,7 @@ def train(
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
-                               objective=objective)
+                               objective=objective, init_from=init_from, overwrite=overwrite or None)
     if config.objective in ENCODER_OBJECTIVES:
         from llmkit.train.encoder import EncoderTrainer
 
@@ -211,7 +215,8 @@ def convert_cmd(
 def prepare_cmd(
     inputs: list[str] = typer.Argument(..., help=".txt / .jsonl files or directories of them"),
     out: str = typer.Option(..., "--out", help="output data directory"),
-    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, or a tokenizer.json to reuse"),
+    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, a tokenizer.json to reuse, or a model "
+                                  "whose tokenizer to use (for train --init-from)"),
     vocab_size: int = typer.Option(8192, "--vocab-size", help="vocabulary size when training bpe"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of documents (or tail tokens) for val"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
@@ -224,8 +229,12 @@ def prepare_cmd(
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
         tok = Tokenizer.train_char(iter_texts(inputs))
-    else:
+    elif tokenizer.endswith(".json") or (Path(tokenizer) / "tokenizer.json").is_file():
         tok = Tokenizer.load(tokenizer)
+    else:  # a model name, .gguf file or model directory
+        from llmkit.io.resolve import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     meta = prepare(inputs, out, tok, val_fraction=val_fraction, seed=seed)
     print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
           f"tokens ({meta['dtype']}, vocab {meta['vocab_size']}) in {out}")
