@@ -418,6 +418,33 @@ def predict_cmd(
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
 
 
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or a short name"),
+    out: str = typer.Option(..., "--out", help="output llmkit model dir"),
+    sparsity: float = typer.Option(None, "--sparsity", help="unstructured: fraction of weights to zero, in [0, 1)"),
+    pattern: str = typer.Option(None, "--pattern", help="semi-structured N:M, e.g. 2:4"),
+    method: str = typer.Option("magnitude", "--method", help="--sparsity/--pattern scores: magnitude or wanda"),
+    scope: str = typer.Option("row", "--scope", help="--sparsity compared per row, per layer, or global"),
+    params: str = typer.Option(None, "--params", help="structured: target size, e.g. 90M (solves the MLP width)"),
+    layers: int = typer.Option(None, "--layers", help="structured: layers to keep"),
+    heads: int = typer.Option(None, "--heads", help="structured: query heads per layer to keep (whole KV groups)"),
+    mlp: int = typer.Option(None, "--mlp", help="structured: MLP channels per layer to keep"),
+    calib: str = typer.Option(None, "--calib", help="calibration text file (wanda and structured)"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens for activation statistics"),
+    layer_tokens: int = typer.Option(1024, "--layer-tokens", help="calibration tokens for layer-removal losses"),
+):
+    """Prune a model: zero weights (magnitude, Wanda, 2:4) or remove layers/heads/channels for a smaller one."""
+    from llmkit.compress.prune import run_prune
+
+    s = run_prune(model, out, sparsity=sparsity, method=method, scope=scope, pattern=pattern, params=params,
+                  layers=layers, heads=heads, mlp=mlp, calib=calib, calib_tokens=calib_tokens,
+                  layer_tokens=layer_tokens, log=lambda line: print(line, file=sys.stderr))
+    what = (f"{s['layers']} layers, {s['heads']} heads, MLP {s['mlp']}" if s["kind"] == "structured"
+            else f"{s['sparsity']:.1%} of block weights zeroed ({s['method']})")
+    print(f"{s['params_before']:,} -> {s['params_after']:,} parameters ({what}); saved to {out}")
+
+
 def main() -> None:
     try:
         app()
