@@ -236,3 +236,25 @@ def test_bad_input_is_one_clear_line(tok, calib, tmp_path, monkeypatch, capsys, 
 def test_sparsity_check_in_the_library():
     with pytest.raises(LlmkitError, match=r"sparsity must be in \[0, 1\)"):
         prune_unstructured(perturbed(llama(300)), math.nan)
+
+
+def test_pruned_model_recovers_by_distillation_from_the_original(tmp_path, monkeypatch, capsys):
+    from trainkit import make_data_dir
+
+    from llmkit.tokenizer import Tokenizer
+
+    data = make_data_dir(tmp_path)
+    tok = Tokenizer.load(data / "tokenizer.json")
+    save_checkpoint(tmp_path / "orig", perturbed(llama(tok.vocab_size, n_layer=3)), tok)
+    code, _, err = run_cli(monkeypatch, capsys, "prune", tmp_path / "orig", "--out", tmp_path / "pruned",
+                           "--calib", tmp_path / "corpus.txt", "--calib-tokens", "256", "--layers", "2", "--mlp", "32")
+    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "distill", "--teacher", tmp_path / "orig", "--student",
+                             tmp_path / "pruned", "--data", data, "--out", tmp_path / "recovered", "--max-steps", "3",
+                             "--top-k", "4", "block_size=16", "batch_size=4", "progress=false", "eval_iters=1",
+                             "peak_flops=1e11")
+    assert code == 0, err
+    recovered, _ = load_checkpoint(tmp_path / "recovered")
+    assert (recovered.config.n_layer, recovered.config.intermediate_size) == (2, 32)
+    pruned, _ = load_checkpoint(tmp_path / "pruned")
+    assert not torch.equal(recovered.blocks[0].mlp.proj.weight, pruned.blocks[0].mlp.proj.weight)  # it trained
