@@ -111,6 +111,12 @@ def test_unstructured_zeroes_the_lowest_scores_and_keeps_the_rest(tok, calib, sc
     elif scope == "layer":
         assert (w == 0).sum() == w.numel() // 2
         assert score[w == 0].max() <= score[w != 0].min()
+    else:  # one threshold across every matrix
+        names = [k[:-len(".weight")] for k in after if k.startswith("blocks.") and "norm" not in k]
+        scores = {n: weight_scores(before[n + ".weight"], method, stats.input_norm(n) if stats else None) for n in names}
+        zeroed = torch.cat([s[after[n + ".weight"] == 0] for n, s in scores.items()])
+        kept = torch.cat([s[after[n + ".weight"] != 0] for n, s in scores.items()])
+        assert zeroed.max() <= kept.min()
 
 
 def test_two_four_keeps_two_best_of_every_four():

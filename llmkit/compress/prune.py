@@ -5,7 +5,8 @@ Unstructured scores, over the Linear layers inside the blocks (embeddings and th
   magnitude  |W_ij|
   wanda      |W_ij| * ||X_j||_2, X_j the j-th input feature over the calibration tokens (Sun et al., 2023)
 The lowest-scoring fraction `sparsity` is zeroed, compared within each output row ("row", Wanda's
-choice), within each weight matrix ("layer"), or across all of them at once ("global"). 2:4 keeps the
+choice), within each weight matrix ("layer"), or across all of them at once ("global"; Wanda's scores
+carry each layer's activation scale, so a global cut can empty a whole matrix with small inputs). 2:4 keeps the
 two highest-scoring weights of every four consecutive inputs of a row. Zeros keep the model's shape:
 dense kernels are not faster on them, so this saves nothing at inference until sparse kernels do.
 """
@@ -80,12 +81,9 @@ def prune_unstructured(model, sparsity: float, method: str = "magnitude", scope:
     elif scope == "global":
         flat = torch.cat([s.flatten() for s in scores.values()])
         k = int(sparsity * flat.numel())
-        # the k-th lowest score is the global threshold; ties at it are broken by position, as topk does
-        cut = _lowest(flat, k, None)
-        masks, start = {}, 0
-        for name, s in scores.items():
-            masks[name] = cut[start:start + s.numel()].view_as(s)
-            start += s.numel()
+        # the k-th lowest score is the threshold (kthvalue, not a sort: ~100M scores for SmolLM2)
+        threshold = flat.kthvalue(k).values if k else float("-inf")
+        masks = {name: s <= threshold for name, s in scores.items()}
     else:
         masks = {name: _lowest(s, int(sparsity * (s.shape[1] if scope == "row" else s.numel())),
                                -1 if scope == "row" else None)
