@@ -13,8 +13,9 @@ distilling from the original, on the CPU. Also unstructured 50% sparsity, magnit
 5. perplexity on held-out text (the held-out documents, and the end of tinyshakespeare, which no step
    trains on) before pruning, right after, after recovery; greedy answers to a few questions; decode
    speed side by side (benchmarks/prune_speed.py); unstructured 50% magnitude vs Wanda perplexity.
-Steps whose output exists are not redone, so an interrupted run continues. Results go to OUT/results.json
-and a Markdown table on stdout.
+Steps whose output exists are not redone, so an interrupted run continues; --stages runs some of them
+(e.g. the unstructured ones in a second process beside the long recovery). Results go to OUT/results/
+and, once all are there, a Markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def report(results: dict) -> str:
     texts = [k for k in results["original"] if "(" in k]
     lines = ["| model | params | layers | MLP | " + " | ".join(f"ppl {t}" for t in texts) + " | decode tok/s (CPU time) | speed ratio |",
              "|---|---:|---:|---:|" + "---:|" * len(texts) + "---:|---:|"]
-    for name in ("original", "pruned", "recovered", "magnitude-50%", "wanda-50%"):
+    for name in ("original", "pruned", "recovered", "unstructured-magnitude", "unstructured-wanda"):
         r = results.get(name)
         if r is None:
             continue
@@ -144,6 +145,9 @@ def main() -> int:
     parser.add_argument("--calib-tokens", type=int, default=4096)
     parser.add_argument("--layer-tokens", type=int, default=1024, help="calibration tokens for layer removal")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stages", default="original,pruned,recovery,recovered,unstructured,speed",
+                        help="which to run (the others are read from OUT/results if there): run "
+                             "'unstructured' in a second process beside the long recovery, for instance")
     args = parser.parse_args()
 
     import torch
@@ -160,28 +164,39 @@ def main() -> int:
     calib = calibration_text(data, tok, args.calib_tokens)
     texts = held_out(data, tok, args.eval_tokens)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    stages = set(args.stages.split(","))
+    (out / "results").mkdir(exist_ok=True)
+    results = {}
 
-    def stage(name, fn):  # each result is saved as soon as it exists; a rerun skips it
-        if name not in results:
+    def stage(name, fn):  # one JSON file per result, saved as soon as it exists: a rerun (or a
+        path = out / "results" / f"{name}.json"  # parallel run of other --stages) skips it
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+        elif name.split("-")[0] in stages or name in stages:
             results[name] = fn()
-            results_file.write_text(json.dumps(results, indent=2))
+            path.write_text(json.dumps(results[name], indent=2))
             log(f"{name}: {results[name]}")
 
+    def prune(name, **how):
+        if not (out / name / "model.safetensors").exists():
+            run_prune(out / "original", out / name, calib=calib, calib_tokens=args.calib_tokens,
+                      layer_tokens=args.layer_tokens, log=log, **how)
+
     stage("original", lambda: evaluate(out / "original", texts, questions=True))
-    if not (out / "pruned" / "model.safetensors").exists():
-        run_prune(out / "original", out / "pruned", params=args.params, layers=args.layers, calib=calib,
-                  calib_tokens=args.calib_tokens, layer_tokens=args.layer_tokens, log=log)
+    if "pruned" in stages:
+        prune("pruned", params=args.params, layers=args.layers)
     stage("pruned", lambda: evaluate(out / "pruned", texts, questions=True))
     stage("recovery", lambda: recover(args, out, data))
     stage("recovered", lambda: evaluate(out / "recovered", texts, questions=True))
-    for name, method in (("magnitude-50%", "magnitude"), ("wanda-50%", "wanda")):
-        if not (out / name / "model.safetensors").exists():
-            run_prune(out / "original", out / name, sparsity=0.5, method=method, calib=calib,
-                      calib_tokens=args.calib_tokens, log=log)
-        stage(name, lambda: evaluate(out / name, texts, questions=False))
+    for method in ("magnitude", "wanda"):
+        if "unstructured" in stages:
+            prune(f"{method}-50%", sparsity=0.5, method=method)
+        stage(f"unstructured-{method}", lambda: evaluate(out / f"{method}-50%", texts, questions=False))
     stage("speed", lambda: speed([out / "original", out / "pruned", out / "recovered"], 1))
+    missing = {"original", "pruned", "recovery", "recovered", "speed"} - set(results)
+    if missing:
+        log(f"not yet measured: {', '.join(sorted(missing))}")
+        return 0
     for row, name in zip(results["speed"], ("original", "pruned", "recovered")):
         results[name]["speed"] = row
     rec = results["recovery"]
