@@ -48,8 +48,8 @@ def decode_once(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 def measure(model_dirs: list[str], new_tokens: int = 64, repeats: int = 3) -> list[dict]:
-    from llmkit.fast import decode_layout
-    from llmkit.models import resolve_model
+    from llmkit.infer.compiled import decode_layout
+    from llmkit.io.resolve import resolve_model
 
     models = []
     for name in model_dirs:
@@ -86,11 +86,12 @@ def instruction_sets() -> str:
 
 
 def table(rows: list[dict], threads: int) -> str:
-    from llmkit import kernels
+    from llmkit.infer import kernels
 
     lines = [f"{cpu_name()} ({instruction_sets()}), llmkit kernels {'on' if kernels.available() else 'off'}, "
              f"{threads} thread(s), batch 1, greedy",
-             f"{'model':<40} {'params':>12} {'layers':>6} {'tok/s':>8} {'CPU-time tok/s':>15} {'ratio':>6} {'CPU ratio':>9}"]
+             f"{'model':<40} {'params':>12} {'layers':>6} {'tok/s':>8} {'CPU-time tok/s':>15} {'ratio':>6} "
+             f"{'CPU ratio':>9}"]
     for r in rows:
         lines.append(f"{r['model'][-40:]:<40} {r['params']:>12,} {r['layers']:>6} {r['tok_s']:>8.1f} "
                      f"{r['cpu_tok_s']:>15.1f} {r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f}")

@@ -23,7 +23,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
 
 
 def prepare_corpus(out: Path, tokenizer_file: Path) -> Path:
-    from llmkit.data import prepare
+    from llmkit.data.corpus import prepare
     from llmkit.demo import write_corpus
     from llmkit.tokenizer import Tokenizer
 
@@ -49,7 +48,7 @@ def held_out(data: Path, tokenizer, n_tokens: int) -> dict:
     """Token arrays nothing trains on: held-out documents and the last part of tinyshakespeare."""
     import numpy as np
 
-    from llmkit.data import load_split
+    from llmkit.data.corpus import load_split
 
     texts = {"pydoc (held out)": np.asarray(load_split(data, "val")[:n_tokens], dtype=np.int64)}
     if SHAKESPEARE.exists():
@@ -59,9 +58,9 @@ def held_out(data: Path, tokenizer, n_tokens: int) -> dict:
 
 
 def evaluate(model_dir, texts: dict, questions: bool) -> dict:
-    from llmkit.chat import ask
-    from llmkit.evaluate import perplexity
-    from llmkit.models import resolve_model
+    from llmkit.eval.lm import perplexity
+    from llmkit.infer.chat import ask
+    from llmkit.io.resolve import resolve_model
 
     model, tok = resolve_model(model_dir)
     row = {"params": sum(p.numel() for p in set(model.parameters())), "layers": model.config.n_layer,
@@ -74,7 +73,7 @@ def evaluate(model_dir, texts: dict, questions: bool) -> dict:
 
 
 def calibration_text(data: Path, tokenizer, n_tokens: int) -> Path:
-    from llmkit.data import load_split
+    from llmkit.data.corpus import load_split
 
     path = data / "calibration.txt"
     if not path.exists():
@@ -85,7 +84,7 @@ def calibration_text(data: Path, tokenizer, n_tokens: int) -> Path:
 def recover(args, out: Path, data: Path) -> dict:
     """Distil the pruned model from the original; a checkpoint every 10 steps, so a run stopped early
     (e.g. out of time) still leaves a recovered model, reported with the steps it reached."""
-    from llmkit.distill import run_distill
+    from llmkit.train.distill import run_distill
 
     target, info_file = out / "recovered", out / "recovery.json"
     if info_file.exists():
@@ -107,13 +106,15 @@ def recover(args, out: Path, data: Path) -> dict:
 
 
 def speed(dirs: list[Path], threads: int) -> list[dict]:
-    cmd = [sys.executable, str(REPO / "benchmarks/prune_speed.py"), *map(str, dirs), "--json", "--threads", str(threads)]
+    cmd = [sys.executable, str(REPO / "benchmarks/prune_speed.py"), *map(str, dirs), "--json",
+           "--threads", str(threads)]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def report(results: dict) -> str:
     texts = [k for k in results["original"] if "(" in k]
-    lines = ["| model | params | layers | MLP | " + " | ".join(f"ppl {t}" for t in texts) + " | decode tok/s (CPU time) | speed ratio |",
+    lines = ["| model | params | layers | MLP | " + " | ".join(f"ppl {t}" for t in texts)
+             + " | decode tok/s (CPU time) | speed ratio |",
              "|---|---:|---:|---:|" + "---:|" * len(texts) + "---:|---:|"]
     for name in ("original", "pruned", "recovered", "unstructured-magnitude", "unstructured-wanda"):
         r = results.get(name)
@@ -153,7 +154,7 @@ def main() -> int:
     import torch
 
     from llmkit.compress.prune import run_prune
-    from llmkit.models import convert, resolve_model
+    from llmkit.io.resolve import convert, resolve_model
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

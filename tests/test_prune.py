@@ -6,14 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from finetunekit import one_thread, tiny_tokenizer  # noqa: F401
-from trainkit import run_cli
+from conftest import make_data_dir, run_cli, tiny_tokenizer
 
-from llmkit.checkpoint import load_checkpoint, save_checkpoint
 from llmkit.compress import calibrate, structured
-from llmkit.compress.prune import n_m_mask, prune_unstructured, run_prune, weight_scores
-from llmkit.config import ModelConfig, preset
+from llmkit.compress.prune import n_m_mask, prune_unstructured, weight_scores
 from llmkit.errors import LlmkitError
+from llmkit.io.checkpoint import load_checkpoint, save_checkpoint
+from llmkit.model.config import ModelConfig, preset
 from llmkit.model.decoder import GPT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,13 +106,15 @@ def test_unstructured_zeroes_the_lowest_scores_and_keeps_the_rest(tok, calib, sc
     score = weight_scores(old, method, stats.input_norm("blocks.1.mlp.proj") if stats else None)
     if scope == "row":
         assert ((w == 0).sum(1) == w.shape[1] // 2).all()
-        assert score[w == 0].view(w.shape[0], -1).max(1).values.le(score[w != 0].view(w.shape[0], -1).min(1).values).all()
+        rows = w.shape[0]
+        assert (score[w == 0].view(rows, -1).max(1).values <= score[w != 0].view(rows, -1).min(1).values).all()
     elif scope == "layer":
         assert (w == 0).sum() == w.numel() // 2
         assert score[w == 0].max() <= score[w != 0].min()
     else:  # one threshold across every matrix
         names = [k[:-len(".weight")] for k in after if k.startswith("blocks.") and "norm" not in k]
-        scores = {n: weight_scores(before[n + ".weight"], method, stats.input_norm(n) if stats else None) for n in names}
+        scores = {n: weight_scores(before[n + ".weight"], method, stats.input_norm(n) if stats else None)
+                  for n in names}
         zeroed = torch.cat([s[after[n + ".weight"] == 0] for n, s in scores.items()])
         kept = torch.cat([s[after[n + ".weight"] != 0] for n, s in scores.items()])
         assert zeroed.max() <= kept.min()
@@ -245,8 +246,6 @@ def test_sparsity_check_in_the_library():
 
 
 def test_pruned_model_recovers_by_distillation_from_the_original(tmp_path, monkeypatch, capsys):
-    from trainkit import make_data_dir
-
     from llmkit.tokenizer import Tokenizer
 
     data = make_data_dir(tmp_path)

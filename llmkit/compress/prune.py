@@ -119,9 +119,9 @@ def run_prune(model_name, out_dir, *, sparsity=None, method="magnitude", scope="
               layers=None, heads=None, mlp=None, calib=None, calib_tokens=8192, calib_len=256,
               layer_tokens=1024, log=print) -> dict:
     """`llmkit prune`: load, calibrate if needed, prune, save an llmkit model directory. Returns a summary."""
-    from llmkit.checkpoint import save_checkpoint
     from llmkit.compress import calibrate, structured
-    from llmkit.models import resolve_model, resolve_path
+    from llmkit.io.checkpoint import save_checkpoint
+    from llmkit.io.resolve import resolve_model, resolve_path
 
     structured_args = any(v is not None for v in (params, layers, heads, mlp))
     pattern = parse_pattern(pattern)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.config import ModelConfig
 from llmkit.errors import LlmkitError
+from llmkit.model.config import ModelConfig
 
 
 @dataclass
