@@ -82,7 +82,7 @@ def calibration_text(data: Path, tokenizer, n_tokens: int) -> Path:
 
 
 def recover(args, out: Path, data: Path) -> dict:
-    """Distil the pruned model from the original; a checkpoint every 10 steps, so a run stopped early
+    """Distil the pruned model from the original; a checkpoint every steps/4 (at most 10), so a run stopped early
     (e.g. out of time) still leaves a recovered model, reported with the steps it reached."""
     from llmkit.train.distill import run_distill
 
@@ -92,7 +92,8 @@ def recover(args, out: Path, data: Path) -> dict:
     if not (target / "model.safetensors").exists():
         overrides = [f"block_size={args.block_size}", f"batch_size={args.batch_size}", f"lr={args.lr}",
                      f"min_lr={args.lr / 10}", f"warmup_steps={max(1, args.steps // 10)}",
-                     f"lr_decay_steps={args.steps}", "eval_interval=0", "eval_iters=1", "ckpt_interval=10",
+                     f"lr_decay_steps={args.steps}", "eval_interval=0", "eval_iters=1",
+                     f"ckpt_interval={max(1, min(10, args.steps // 4))}",
                      "log_interval=1", "weight_decay=0.0", "device=cpu", f"threads={args.threads}",
                      "progress=false", "peak_flops=1e11"]
         run_distill(str(out / "original"), str(out / "pruned"), data, target, overrides,
