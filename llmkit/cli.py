@@ -40,15 +40,15 @@ def train(
     base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
 ):
     """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
-    from llmkit.train.losses import ENCODER_OBJECTIVES
-    from llmkit.train.trainer import Trainer, load_train_config
+    from llmkit.train.trainer.losses import ENCODER_OBJECTIVES
+    from llmkit.train.trainer.trainer import Trainer, load_train_config
 
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
                                objective=objective, init_from=init_from, overwrite=overwrite or None)
     if config.objective in ENCODER_OBJECTIVES:
-        from llmkit.train.encoder import EncoderTrainer
+        from llmkit.train.trainer.encoder import EncoderTrainer
 
         trainer = EncoderTrainer(config, model=base_model, resume=resume)
     elif base_model is not None:
@@ -222,7 +222,7 @@ def prepare_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
 ):
     """Tokenize text into train.bin / val.bin (+ meta.json, tokenizer.json) for `llmkit train`."""
-    from llmkit.data.corpus import iter_texts, prepare
+    from llmkit.data.corpus.corpus import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
     if tokenizer == "bpe":
@@ -287,7 +287,7 @@ def distill_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
 ):
     """Train a smaller student to match a teacher's next-token distributions."""
-    from llmkit.train.distill import run_distill
+    from llmkit.train.trainer.distill import run_distill
 
     metrics = run_distill(teacher, student, data, out, overrides or [], temperature=temperature, alpha=alpha,
                           top_k=top_k, max_steps=max_steps, resume=resume)
@@ -390,7 +390,7 @@ def finetune_cmd(
     data = data or data_option
     if task == "sft":
         from llmkit.model.lora import LoRAConfig
-        from llmkit.train.sft import run_sft
+        from llmkit.train.trainer.sft import run_sft
 
         adapters = LoRAConfig(lora_rank, lora_alpha, lora_dropout, lora_targets) if lora else None
         metrics = run_sft(model, data, out, val=val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -401,7 +401,7 @@ def finetune_cmd(
         print(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}{val_text}; saved to {out}")
         return
     if task in ("classify", "tag"):
-        from llmkit.train.tasks import FinetuneConfig, finetune, format_metrics
+        from llmkit.train.trainer.tasks import FinetuneConfig, finetune, format_metrics
 
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
         metrics = finetune(model, data, out, task, val_path=val, config=config,
@@ -421,11 +421,38 @@ def predict_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
-    from llmkit.train.tasks import format_metrics, run_predict
+    from llmkit.train.trainer.tasks import format_metrics, run_predict
 
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or a short name"),
+    out: str = typer.Option(..., "--out", help="output llmkit model dir"),
+    sparsity: float = typer.Option(None, "--sparsity", help="unstructured: fraction of weights to zero, in [0, 1)"),
+    pattern: str = typer.Option(None, "--pattern", help="semi-structured N:M, e.g. 2:4"),
+    method: str = typer.Option("magnitude", "--method", help="--sparsity/--pattern scores: magnitude or wanda"),
+    scope: str = typer.Option("row", "--scope", help="--sparsity compared per row, per layer, or global"),
+    params: str = typer.Option(None, "--params", help="structured: target size, e.g. 90M (solves the MLP width)"),
+    layers: int = typer.Option(None, "--layers", help="structured: layers to keep"),
+    heads: int = typer.Option(None, "--heads", help="structured: query heads per layer to keep (whole KV groups)"),
+    mlp: int = typer.Option(None, "--mlp", help="structured: MLP channels per layer to keep"),
+    calib: str = typer.Option(None, "--calib", help="calibration text file (wanda and structured)"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens for activation statistics"),
+    layer_tokens: int = typer.Option(1024, "--layer-tokens", help="calibration tokens for layer-removal losses"),
+):
+    """Prune a model: zero weights (magnitude, Wanda, 2:4) or remove layers/heads/channels for a smaller one."""
+    from llmkit.compress.prune import run_prune
+
+    s = run_prune(model, out, sparsity=sparsity, method=method, scope=scope, pattern=pattern, params=params,
+                  layers=layers, heads=heads, mlp=mlp, calib=calib, calib_tokens=calib_tokens,
+                  layer_tokens=layer_tokens, log=lambda line: print(line, file=sys.stderr))
+    what = (f"{s['layers']} layers, {s['heads']} heads, MLP {s['mlp']}" if s["kind"] == "structured"
+            else f"{s['sparsity']:.1%} of block weights zeroed ({s['method']})")
+    print(f"{s['params_before']:,} -> {s['params_after']:,} parameters ({what}); saved to {out}")
 
 
 def main() -> None:
