@@ -33,7 +33,7 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
 
 
 def prepare_corpus(out: Path, tokenizer_file: Path) -> Path:
-    from llmkit.data.corpus.corpus import prepare
+    from llmkit.data.corpus import prepare
     from llmkit.demo import write_corpus
     from llmkit.tokenizer import Tokenizer
 
@@ -48,7 +48,7 @@ def held_out(data: Path, tokenizer, n_tokens: int) -> dict:
     """Token arrays nothing trains on: held-out documents and the last part of tinyshakespeare."""
     import numpy as np
 
-    from llmkit.data.corpus.corpus import load_split
+    from llmkit.data.corpus import load_split
 
     texts = {"pydoc (held out)": np.asarray(load_split(data, "val")[:n_tokens], dtype=np.int64)}
     if SHAKESPEARE.exists():
@@ -73,7 +73,7 @@ def evaluate(model_dir, texts: dict, questions: bool) -> dict:
 
 
 def calibration_text(data: Path, tokenizer, n_tokens: int) -> Path:
-    from llmkit.data.corpus.corpus import load_split
+    from llmkit.data.corpus import load_split
 
     path = data / "calibration.txt"
     if not path.exists():
@@ -84,7 +84,7 @@ def calibration_text(data: Path, tokenizer, n_tokens: int) -> Path:
 def recover(args, out: Path, data: Path) -> dict:
     """Distil the pruned model from the original; a checkpoint every steps/4 (at most 10), so a run stopped early
     (e.g. out of time) still leaves a recovered model, reported with the steps it reached."""
-    from llmkit.train.trainer.distill import run_distill
+    from llmkit.train.distill import run_distill
 
     target, info_file = out / "recovered", out / "recovery.json"
     if info_file.exists():

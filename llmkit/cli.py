@@ -40,15 +40,15 @@ def train(
     base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
 ):
     """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
-    from llmkit.train.trainer.losses import ENCODER_OBJECTIVES
-    from llmkit.train.trainer.trainer import Trainer, load_train_config
+    from llmkit.train.losses import ENCODER_OBJECTIVES
+    from llmkit.train.trainer import Trainer, load_train_config
 
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
                                objective=objective, init_from=init_from, overwrite=overwrite or None)
     if config.objective in ENCODER_OBJECTIVES:
-        from llmkit.train.trainer.encoder import EncoderTrainer
+        from llmkit.train.encoder import EncoderTrainer
 
         trainer = EncoderTrainer(config, model=base_model, resume=resume)
     elif base_model is not None:
@@ -222,7 +222,7 @@ def prepare_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
 ):
     """Tokenize text into train.bin / val.bin (+ meta.json, tokenizer.json) for `llmkit train`."""
-    from llmkit.data.corpus.corpus import iter_texts, prepare
+    from llmkit.data.corpus import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
     if tokenizer == "bpe":
@@ -287,7 +287,7 @@ def distill_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
 ):
     """Train a smaller student to match a teacher's next-token distributions."""
-    from llmkit.train.trainer.distill import run_distill
+    from llmkit.train.distill import run_distill
 
     metrics = run_distill(teacher, student, data, out, overrides or [], temperature=temperature, alpha=alpha,
                           top_k=top_k, max_steps=max_steps, resume=resume)
@@ -390,7 +390,7 @@ def finetune_cmd(
     data = data or data_option
     if task == "sft":
         from llmkit.model.lora import LoRAConfig
-        from llmkit.train.trainer.sft import run_sft
+        from llmkit.train.sft import run_sft
 
         adapters = LoRAConfig(lora_rank, lora_alpha, lora_dropout, lora_targets) if lora else None
         metrics = run_sft(model, data, out, val=val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -401,7 +401,7 @@ def finetune_cmd(
         print(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}{val_text}; saved to {out}")
         return
     if task in ("classify", "tag"):
-        from llmkit.train.trainer.tasks import FinetuneConfig, finetune, format_metrics
+        from llmkit.train.tasks import FinetuneConfig, finetune, format_metrics
 
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
         metrics = finetune(model, data, out, task, val_path=val, config=config,
@@ -421,7 +421,7 @@ def predict_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
-    from llmkit.train.trainer.tasks import format_metrics, run_predict
+    from llmkit.train.tasks import format_metrics, run_predict
 
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
