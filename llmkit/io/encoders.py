@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
+from llmkit.io.checkpoint import TOKENIZER_FILE, load_model_weights, read_meta, save_checkpoint, weight_names
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder, EncoderConfig
 from llmkit.tokenizer import Tokenizer
@@ -89,11 +88,12 @@ def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
         config = EncoderConfig.from_dict(meta["model"])
         task, labels = meta.get("task"), meta.get("labels")
         if task is None:  # pretraining checkpoints carry no task: their heads say which
-            task = _pretraining_task(path / WEIGHTS_FILE)
+            names = weight_names(path, meta)
+            task = ("mlm+nsp" if "nsp.classifier.weight" in names else "mlm") if "mlm.dense.weight" in names else None
         if task in ("classify", "tag"):
             check_label_file(path, labels)
         model = _build(config, task, labels, meta)
-        load_weights(model, path / WEIGHTS_FILE)
+        load_model_weights(model, path, meta)
         if not (path / TOKENIZER_FILE).is_file():
             raise LlmkitError(f"missing tokenizer {path / TOKENIZER_FILE}")
         tokenizer = Tokenizer.load(path)
@@ -108,17 +108,6 @@ def _build(config: EncoderConfig, task, labels, meta: dict) -> Encoder:
 
         return MultiTaskEncoder(config, meta.get("heads") or {}) if task == "multi" else PretrainingEncoder(config)
     return Encoder(config, task, labels)
-
-
-def _pretraining_task(weights: Path) -> str | None:
-    try:
-        with safe_open(str(weights), "pt") as f:
-            keys = set(f.keys())
-    except Exception:  # load_weights reports a missing or corrupt file with a clear message
-        return None
-    if "mlm.dense.weight" not in keys:
-        return None
-    return "mlm+nsp" if "nsp.classifier.weight" in keys else "mlm"
 
 
 def check_label_file(path: Path, labels) -> None:
