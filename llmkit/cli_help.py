@@ -20,6 +20,10 @@ EXAMPLES = {
     "embed": "llmkit embed sentences.txt --out sentences.npy",
     "finetune": "llmkit finetune reviews.jsonl --task classify --model all-minilm-l6-v2 --out runs/sentiment",
     "predict": "llmkit predict reviews.jsonl --model runs/sentiment --out predictions.jsonl",
+    "dialog": "llmkit dialog examples/booking_domain.yaml --nlu runs/booking-nlu",
+    "index": "llmkit index docs/ --out runs/docs-index",
+    "ask": "llmkit ask 'How do I resume training?' --index runs/docs-index -k 4",
+    "prune": "llmkit prune runs/char --out runs/char-sparse --sparsity 0.5",
 }
 
 DECODER_PRESETS = ("char-tiny", "gpt2-124m", "llama-tiny", "transformer-tiny", "smollm2-135m")
@@ -31,7 +35,8 @@ TRAIN_SETTINGS = (
     "max_steps=2000, lr=0.001, min_lr=0.0001, warmup_steps=max_steps/20, lr_decay_steps=max_steps, "
     "weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, dtype=float32, device=auto, compile=false, "
     "eval_interval=250, eval_iters=20, log_interval=10, ckpt_interval=1000, seed=1337, tensorboard=false, "
-    "objective=causal, peak_flops=measured, threads=torch's default, progress=true; "
+    "objective=causal, peak_flops=measured, threads=torch's default, progress=true, strategy=ddp, "
+    "activation_checkpointing=false, init_from=none, overwrite=false; "
     "model.NAME=VALUE overrides the preset's model settings (model.n_layer=6, model.dropout=0.1, ...)"
 )
 

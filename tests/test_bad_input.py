@@ -161,6 +161,24 @@ CASES = {
         ("predict {labels} --model {model} --out {root}", "is a directory"),
         ("predict {labels} --model {model} --device cuda", "no CUDA GPU"),
     ],
+    "dialog": [
+        ("dialog {text} --nlu m --reply poem", "--reply must be template or chat"),
+        ("dialog {text} --nlu m --actions {root}", "is a directory"),
+    ],
+    "index": [
+        ("index {text} --out {text}", "is a file, not a directory"),
+        ("index {text} --out idx --chunk-words 0", "--chunk-words must be an integer >= 1"),
+        ("index {text} --out idx --overlap 80", "--overlap must be an integer in [0, 79]"),
+        ("index {text} --out idx --batch-size 0", "--batch-size must be an integer >= 1"),
+    ],
+    "ask": [
+        ("ask --index nosuch", "give a QUESTION or --eval"),
+        ("ask hi --index nosuch -k 0", "-k >= 1"),
+    ],
+    "prune": [
+        ("prune {model} --out {text}", "is a file, not a directory"),
+        ("prune {model} --out pruned --sparsity 1.5", "--sparsity must be a number in [0, 1)"),
+    ],
     "demo": [
         ("demo --out {text}", "is a file, not a directory"),
         ("demo --max-steps 0", "--max-steps must be an integer >= 1"),

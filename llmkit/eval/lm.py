@@ -143,6 +143,7 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
     (what `llmkit eval` runs). Inputs are read and checked before the model is loaded."""
     from pathlib import Path
 
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
     from llmkit.utils import check_device, check_range
 
@@ -162,6 +163,7 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
     elif not Path(data_dir).is_dir():
         raise LlmkitError(f"data dir {data_dir} does not exist")
     model, tokenizer = resolve_model(model_dir, device=device)
+    optimize_for_inference(model)
     if text is not None:
         tokens = _as_tokens(text, tokenizer)
         source = str(text_file)
@@ -337,6 +339,7 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
     loads (what `llmkit eval --mc/--gen` runs). Inputs are all read and checked before scoring."""
     from pathlib import Path
 
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
     from llmkit.utils import check_device, check_range
 
@@ -353,6 +356,7 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
         except (OSError, UnicodeDecodeError) as e:
             raise LlmkitError(f"cannot read text file {text_file}: {e}") from None
     model, tokenizer = resolve_model(model_name, device=check_device(device))
+    optimize_for_inference(model)
     results = []
     if text is not None:
         results.append({"task": "perplexity", "source": str(text_file),
