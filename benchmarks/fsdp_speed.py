@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
@@ -104,7 +105,8 @@ def launch(row: str, strategy: str, steps: int, data: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    # both ranks print to one pipe: their lines may interleave, so pick the records out of the text
+    results = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
     if proc.returncode or len(results) != 2:
         raise SystemExit(f"{row}/{strategy} failed:\n{proc.stderr[-3000:]}")
     return results
