@@ -120,6 +120,11 @@ def generate_cmd(
     dtype: str = typer.Option(None, "--dtype", help="float32 (default), bfloat16 or float16: half the bytes "
                                                     "read per token, so faster decoding"),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print each prompt before its completion"),
+    num_beams: int = typer.Option(1, "--num-beams", help="beam search with this many beams (deterministic)"),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="beams: >0 favours longer outputs"),
+    early_stopping: str = typer.Option("false", "--early-stopping", help="beams: true, false or never"),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="beams: forbid repeated n-grams"),
+    num_return_sequences: int = typer.Option(1, "--num-return-sequences", help="beams: best N outputs per prompt"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     import torch
@@ -136,7 +141,17 @@ def generate_cmd(
                             repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    beam = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences)
+    use_beams = num_beams > 1 or no_repeat_ngram_size > 0 or num_return_sequences > 1
+    if use_beams:
+        from llmkit.infer.beam import BeamParams
+
+        BeamParams(max_new_tokens=max_new_tokens, **beam)  # bad values fail before the model loads
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
+    if use_beams:
+        _print_beams(net, tokenizer, [prompt] if prompt_file is None else _read_prompts(prompt_file), params, beam, echo)
+        return
     if prompt_file is None:
         decode_layout(net)  # one sequence at a time: batch-1 decoding
         for i in range(num_samples):
@@ -149,13 +164,7 @@ def generate_cmd(
                 sys.stdout.flush()
         print()
         return
-    try:
-        with open(prompt_file, encoding="utf-8") as f:
-            prompts = [line for line in f.read().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmkitError(f"cannot read prompt file {prompt_file}: {e}") from None
-    if not prompts:
-        raise LlmkitError(f"prompt file {prompt_file} has no prompts")
+    prompts = _read_prompts(prompt_file)
     batch = [p for p in prompts for _ in range(num_samples)]
     for i, (p, completion) in enumerate(zip(batch, generate(net, tokenizer, batch, params))):
         if i:
@@ -416,6 +425,31 @@ def predict_cmd(
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
+
+
+def _read_prompts(prompt_file: str) -> list[str]:
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            prompts = [line for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmkitError(f"cannot read prompt file {prompt_file}: {e}") from None
+    if not prompts:
+        raise LlmkitError(f"prompt file {prompt_file} has no prompts")
+    return prompts
+
+
+def _print_beams(net, tokenizer, prompts: list[str], params, beam: dict, echo: bool) -> None:
+    """`generate --num-beams`: each prompt's best outputs, best first, separated by ---."""
+    from llmkit.generate import generate
+
+    outputs = generate(net, tokenizer, prompts, params, **beam)
+    first = True
+    for p, texts in zip(prompts, outputs):
+        for text in (texts if isinstance(texts, list) else [texts]):
+            if not first:
+                print("---")
+            first = False
+            print((p if echo else "") + text)
 
 
 def main() -> None:

@@ -154,6 +154,21 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i becomes old row index[i] (beam search); index may repeat rows and change the batch size.
+        Only filled slots are copied, and only for rows that change."""
+        n, index = self.pos, index.to(self.k[0].device if self.k else index.device)
+        same_size = len(index) == self.batch_size
+        moved = (index != torch.arange(len(index), device=index.device)).nonzero().flatten() if same_size else None
+        for cache in (self.k, self.v):
+            for layer, old in enumerate(cache):
+                if not same_size:
+                    cache[layer] = old.new_empty((len(index),) + old.shape[1:])
+                    cache[layer][:, :, :n] = old[index, :, :n]
+                elif len(moved):
+                    old[moved, :, :n] = old[index[moved], :, :n]
+        self.batch_size = len(index)
+
     def reset(self) -> None:
         self.pos = 0
 
