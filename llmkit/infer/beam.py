@@ -51,9 +51,9 @@ class BeamParams:
             (isinstance(self.length_penalty, (int, float)) and abs(self.length_penalty) < 1e6,
              f"length_penalty must be a finite number, got {self.length_penalty!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise LlmkitError(message)
+        failed = [message for ok, message in checks if not ok]
+        if failed:
+            raise LlmkitError(failed[0])
 
 
 def ban_repeated_ngrams(history: torch.Tensor, logprobs: torch.Tensor, n: int) -> torch.Tensor:
@@ -200,3 +200,26 @@ def _text(tokenizer, tokens: list[int], end_ids, stop: tuple[str, ...]) -> str:
     text = tokenizer.decode(tokens)
     cuts = [i for s in stop if (i := text.find(s)) != -1]
     return text[:min(cuts)] if cuts else text
+
+
+def seq2seq_decode(model, src_ids: list[int], params: BeamParams, repetition_penalty: float = 1.0) -> list[Hypothesis]:
+    """Beam search over an encoder-decoder model for one tokenized source: the encoder runs once,
+    cross-attention keys/values are computed once and copied to the beams."""
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            device = next(model.parameters()).device
+            src = torch.tensor([src_ids], device=device)
+            mask = torch.ones_like(src, dtype=torch.bool)
+            cache = model.new_cache(model.encode(src, mask), mask, params.max_new_tokens + 1)
+            first = model.decode(torch.tensor([[cfg.decoder_start_id]], device=device), cache, last_only=True)[0, -1]
+
+            def step(parents, tokens):
+                cache.reorder(parents)
+                return model.decode(tokens[:, None], cache, last_only=True)[:, -1]
+
+            return beam_search(first, step, [cfg.decoder_start_id], [cfg.eos_id], params, repetition_penalty)
+    finally:
+        model.train(was_training)
