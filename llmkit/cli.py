@@ -72,6 +72,7 @@ def eval_(
     gen: str = typer.Option(None, "--gen", help="generation JSONL (prompt, reference): exact match, BLEU, chrF, ROUGE"),
     chat: bool = typer.Option(False, "--chat", help="--mc/--gen: ask through the model's chat template"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--gen: longest answer in tokens"),
+    num_beams: int = typer.Option(1, "--num-beams", help="--gen: beam search with this many beams (1 = greedy)"),
     output: str = typer.Option(None, "--output", help="also write all results (with per-item predictions) as JSON"),
 ):
     """Perplexity on text or a data split; with --mc/--gen also task scores, as a table (or --json)."""
@@ -84,7 +85,7 @@ def eval_(
         if data:
             raise LlmkitError("--data cannot be combined with --mc/--gen; use --text for perplexity")
         results = evaluate_tasks(model, text_file=text, mc_file=mc, gen_file=gen, batch_size=batch_size,
-                                 chat=chat, max_new_tokens=max_new_tokens, device=device)
+                                 chat=chat, max_new_tokens=max_new_tokens, device=device, num_beams=num_beams)
         if output:
             with atomic_open(output) as f:
                 json.dump(results, f, indent=2)

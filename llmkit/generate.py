@@ -273,7 +273,7 @@ def generate(model, tokenizer, prompts: str | list[str], params: SamplingParams 
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if not batch:
         return []
-    if beam and beam != {"num_beams": 1}:
+    if (beam and beam != {"num_beams": 1}) or getattr(model, "arch", None) == "seq2seq":
         from llmkit.infer.beam import BeamParams, generate_beams
 
         beams = generate_beams(model, tokenizer, batch, params, BeamParams(max_new_tokens=params.max_new_tokens, **beam))

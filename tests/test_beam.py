@@ -164,3 +164,26 @@ def test_smollm2_four_beams_match_transformers(tmp_path):
     for question in SMOL_QUESTIONS:
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": question}]))
         assert [beam_decode(ours, prompt, tok.stop_ids, params)[0].tokens] == hf_beams(hf, prompt, tok.stop_ids, params)
+
+
+def test_server_num_beams_field(tmp_path):
+    import httpx
+    from serve_support import make_tiny_model, server_thread
+
+    from llmkit.checkpoint import load_checkpoint
+    from llmkit.serve import create_app
+    from llmkit.serve.engine import Engine
+
+    model, tok = load_checkpoint(make_tiny_model(tmp_path))
+    want = generate(model, tok, ["The king"], max_new_tokens=8, num_beams=3, num_return_sequences=2)[0]
+    with server_thread(create_app(Engine(model, tok, max_batch=2), "tiny")) as url:
+        body = {"model": "tiny", "prompt": "The king", "max_tokens": 8, "num_beams": 3, "n": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        assert [c["text"] for c in r["choices"]] == want
+        assert r["usage"]["completion_tokens"] > 0
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "num_beams": 2}
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60).json()
+        assert r["choices"][0]["message"]["role"] == "assistant"
+        for bad in ({**body, "stream": True}, {**body, "n": 4}, {**body, "num_beams": 0}):
+            r = httpx.post(f"{url}/v1/completions", json=bad, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["message"]

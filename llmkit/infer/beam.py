@@ -187,19 +187,41 @@ def generate_beams(model, tokenizer, prompts: list[str], sampling, params: BeamP
     repetition_penalty do not apply: beam search is deterministic."""
     from llmkit.generate import _encode_prompts
 
-    outputs = []
-    for ids in _encode_prompts(model, tokenizer, prompts, params.max_new_tokens):
-        hyps = beam_decode(model, ids, tokenizer.stop_ids, params, sampling.repetition_penalty)
-        outputs.append([_text(tokenizer, h.tokens, tokenizer.stop_ids, sampling.stop) for h in hyps])
-    return outputs
+    if getattr(model, "arch", None) == "seq2seq":
+        end_ids = [model.config.eos_id]
+        searches = (seq2seq_decode(model, ids, params, sampling.repetition_penalty)
+                    for ids in encode_sources(model, tokenizer, prompts))
+    else:
+        end_ids = tokenizer.stop_ids
+        searches = (beam_decode(model, ids, end_ids, params, sampling.repetition_penalty)
+                    for ids in _encode_prompts(model, tokenizer, prompts, params.max_new_tokens))
+    return [[_text(tokenizer, h.tokens, end_ids, sampling.stop) for h in hyps] for hyps in searches]
+
+
+def encode_sources(model, tokenizer, sources: list[str]) -> list[list[int]]:
+    """Source ids for an encoder-decoder model: the text's tokens, then the end token. A source longer
+    than the encoder's context is refused, naming it (training refuses it the same way)."""
+    cfg, rows = model.config, []
+    for i, text in enumerate(sources):
+        ids = tokenizer.encode(text) + [cfg.eos_id]
+        if cfg.pos != "relative" and len(ids) > cfg.block_size:
+            raise LlmkitError(f"source {i} has {len(ids)} tokens (with the end token), more than the encoder's "
+                              f"context of {cfg.block_size}; shorten it")
+        rows.append(ids)
+    return rows
 
 
 def _text(tokenizer, tokens: list[int], end_ids, stop: tuple[str, ...]) -> str:
-    if tokens and tokens[-1] in end_ids:
-        tokens = tokens[:-1]
-    text = tokenizer.decode(tokens)
+    return finish_text(tokenizer, tokens, end_ids, stop)[0]
+
+
+def finish_text(tokenizer, tokens: list[int], end_ids, stop: tuple[str, ...]) -> tuple[str, str]:
+    """(text, finish reason) of a hypothesis: the end token dropped, cut at the first stop string;
+    "stop" when either ended it, else "length"."""
+    ended = bool(tokens) and tokens[-1] in end_ids
+    text = tokenizer.decode(tokens[:-1] if ended else tokens)
     cuts = [i for s in stop if (i := text.find(s)) != -1]
-    return text[:min(cuts)] if cuts else text
+    return (text[:min(cuts)], "stop") if cuts else (text, "stop" if ended else "length")
 
 
 def seq2seq_decode(model, src_ids: list[int], params: BeamParams, repetition_penalty: float = 1.0) -> list[Hypothesis]:
