@@ -9,13 +9,13 @@ from typer.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from llmkit.checkpoint import save_checkpoint  # noqa: E402
+from llmkit.io.checkpoint import save_checkpoint  # noqa: E402
 from llmkit.cli import app  # noqa: E402
-from llmkit.config import preset  # noqa: E402
+from llmkit.model.config import preset  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
-from llmkit.generate import generate  # noqa: E402
+from llmkit.infer.generate import generate  # noqa: E402
 from llmkit.infer.beam import BeamParams, ban_repeated_ngrams, beam_decode  # noqa: E402
-from llmkit.interop.hf import save_hf  # noqa: E402
+from llmkit.io.hf import save_hf  # noqa: E402
 from llmkit.model.decoder import GPT  # noqa: E402
 from llmkit.model.layers import KVCache  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
@@ -155,7 +155,7 @@ SMOL_QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn 
 
 @pytest.mark.slow
 def test_smollm2_four_beams_match_transformers(tmp_path):
-    from llmkit.models import resolve_model
+    from llmkit.io.resolve import resolve_model
 
     ours, tok = resolve_model("smollm2-135m-instruct")  # fp32 (the GGUF's weights, dequantized)
     save_hf(ours, tok, tmp_path / "hf")                 # the same weights for transformers
@@ -170,7 +170,7 @@ def test_server_num_beams_field(tmp_path):
     import httpx
     from serve_support import make_tiny_model, server_thread
 
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.io.checkpoint import load_checkpoint
     from llmkit.serve import create_app
     from llmkit.serve.engine import Engine
 

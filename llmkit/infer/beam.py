@@ -89,7 +89,7 @@ def beam_search(first_logits: torch.Tensor, step: Callable[[torch.Tensor, torch.
     has a single previous row (the prompt's), which `parents` then duplicates.
     prompt: the ids before the generated ones (what no_repeat_ngram_size also looks at).
     repetition_penalty: CTRL's penalty over each beam's prompt + output, on the log-probabilities (as HF)."""
-    from llmkit.generate import apply_repetition_penalty
+    from llmkit.infer.generate import apply_repetition_penalty
 
     nb, N, lp = params.num_beams, params.max_new_tokens, float(params.length_penalty)
     device = first_logits.device
@@ -185,7 +185,7 @@ def generate_beams(model, tokenizer, prompts: list[str], sampling, params: BeamP
     """For each prompt, the texts of its `num_return_sequences` best hypotheses (end tokens dropped,
     cut at the first stop string). Sampling settings other than max_new_tokens, stop and
     repetition_penalty do not apply: beam search is deterministic."""
-    from llmkit.generate import _encode_prompts
+    from llmkit.infer.generate import _encode_prompts
 
     if getattr(model, "arch", None) == "seq2seq":
         end_ids = [model.config.eos_id]

@@ -134,7 +134,7 @@ _IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "embed
 
 def load_hf_seq2seq(model_dir, device="cpu"):
     """(Seq2Seq, tokenizer) from a Hugging Face Marian, BART or T5 directory."""
-    from llmkit.interop.hf import load_hf_tokenizer, read_safetensors
+    from llmkit.io.hf import load_hf_tokenizer, read_safetensors
 
     model_dir = Path(model_dir)
     hf = read_json(model_dir / "config.json")
