@@ -168,7 +168,7 @@ def test_smollm2_four_beams_match_transformers(tmp_path):
 
 def test_server_num_beams_field(tmp_path):
     import httpx
-    from serve_support import make_tiny_model, server_thread
+    from conftest import make_tiny_model, server_thread
 
     from llmkit.io.checkpoint import load_checkpoint
     from llmkit.serve import create_app
