@@ -32,8 +32,10 @@ def train(
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
     preset: str = typer.Option(None, "--preset", help="model preset name"),
     max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps to train for"),
-    objective: str = typer.Option(None, "--objective", help="causal (default), mlm or contrastive (encoders)"),
-    base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
+    objective: str = typer.Option(None, "--objective", help="causal (default), mlm or contrastive (encoders), "
+                                                          "seq2seq (encoder-decoder, on `prepare --pairs` data)"),
+    base_model: str = typer.Option(None, "--model", help="model to start from (--objective contrastive: an encoder; "
+                                                         "seq2seq: a Marian/BART/T5 or llmkit seq2seq dir)"),
 ):
     """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
     from llmkit.train.losses import ENCODER_OBJECTIVES
@@ -43,7 +45,11 @@ def train(
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
                                objective=objective)
-    if config.objective in ENCODER_OBJECTIVES:
+    if config.objective == "seq2seq":
+        from llmkit.train.seq2seq import Seq2SeqTrainer
+
+        trainer = Seq2SeqTrainer(config, model=base_model, resume=resume)
+    elif config.objective in ENCODER_OBJECTIVES:
         from llmkit.train.encoder import EncoderTrainer
 
         trainer = EncoderTrainer(config, model=base_model, resume=resume)
@@ -150,7 +156,7 @@ def generate_cmd(
 
         BeamParams(max_new_tokens=max_new_tokens, **beam)  # bad values fail before the model loads
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
-    if use_beams:
+    if use_beams or getattr(net, "arch", None) == "seq2seq":  # an encoder-decoder answers whole outputs
         _print_beams(net, tokenizer, [prompt] if prompt_file is None else _read_prompts(prompt_file), params, beam, echo)
         return
     if prompt_file is None:
@@ -225,11 +231,16 @@ def prepare_cmd(
     vocab_size: int = typer.Option(8192, "--vocab-size", help="vocabulary size when training bpe"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of documents (or tail tokens) for val"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
+    pairs: bool = typer.Option(False, "--pairs", help="JSONL {source, target} pairs for --objective seq2seq "
+                                                      "(one joint vocabulary for both sides)"),
 ):
     """Tokenize text into train.bin / val.bin (+ meta.json, tokenizer.json) for `llmkit train`."""
     from llmkit.data.corpus import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
+    if pairs:
+        _prepare_pairs(inputs, out, tokenizer, vocab_size, val_fraction, seed)
+        return
     if tokenizer == "bpe":
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
@@ -426,6 +437,22 @@ def predict_cmd(
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
+
+
+def _prepare_pairs(inputs, out, tokenizer: str, vocab_size: int, val_fraction: float, seed: int) -> None:
+    from llmkit.data.pairs import prepare_pairs, read_all_pairs
+    from llmkit.tokenizer import Tokenizer
+
+    texts = [text for pair in read_all_pairs(inputs) for text in pair]  # bad lines fail before training
+    if tokenizer == "bpe":
+        tok = Tokenizer.train_bpe(texts, vocab_size)
+    elif tokenizer == "char":
+        tok = Tokenizer.train_char(texts)
+    else:
+        tok = Tokenizer.load(tokenizer)
+    meta = prepare_pairs(inputs, out, tok, val_fraction=val_fraction, seed=seed)
+    print(f"{meta['pairs']['train']} train / {meta['pairs']['val']} val pairs ({meta['train_tokens']:,} train "
+          f"tokens, vocab {meta['vocab_size']}) in {out}")
 
 
 def _read_prompts(prompt_file: str) -> list[str]:

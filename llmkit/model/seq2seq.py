@@ -353,3 +353,11 @@ class Seq2Seq(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, as for the decoder: 6N for the weights plus attention scores and
+        values over T positions (encoder self, decoder self and cross: three attention blocks per pair
+        of layers)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * (cfg.n_layer + 2 * cfg.n_dec_layer) * cfg.n_head * cfg.head_dim * T
