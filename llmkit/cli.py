@@ -150,7 +150,7 @@ def generate_cmd(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     beam = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                 no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences)
-    use_beams = num_beams > 1 or no_repeat_ngram_size > 0 or num_return_sequences > 1
+    use_beams = num_beams != 1 or no_repeat_ngram_size != 0 or num_return_sequences != 1
     if use_beams:
         from llmkit.infer.beam import BeamParams
 

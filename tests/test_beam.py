@@ -145,6 +145,8 @@ def test_python_api_and_cli(tiny_dir):
     result = CliRunner().invoke(app, ["generate", "--model", str(path), "the quick", "--num-beams", "2",
                                       "--num-return-sequences", "3"])
     assert result.exit_code != 0 and "num_return_sequences" in str(result.exception or result.output)
+    result = CliRunner().invoke(app, ["generate", "--model", str(path), "the quick", "--num-beams", "0"])
+    assert result.exit_code != 0 and "num_beams must be" in str(result.exception)
 
 
 SMOL_QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
