@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -28,6 +29,9 @@ def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
                                      help="optional YAML config, then overrides like lr=3e-4 model.n_layer=6"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in out_dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the checkpoint already in out_dir"),
+    init_from: str = typer.Option(None, "--init-from", help="start from this model's weights (continued "
+                                  "pretraining): a model name, .gguf, llmkit or HF dir; prepare with its tokenizer"),
     data: str = typer.Option(None, "--data", help="prepared data dir (data_dir=...)"),
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
     preset: str = typer.Option(None, "--preset", help="model preset name"),
@@ -44,7 +48,7 @@ def train(
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
-                               objective=objective)
+                               objective=objective, init_from=init_from, overwrite=overwrite or None)
     if config.objective == "seq2seq":
         from llmkit.train.seq2seq import Seq2SeqTrainer
 
@@ -136,8 +140,8 @@ def generate_cmd(
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     import torch
 
-    from llmkit.infer.compiled import decode_layout
     from llmkit.infer.generate import SamplingParams, generate, stream
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
     if (prompt is None) == (prompt_file is None):
@@ -159,8 +163,8 @@ def generate_cmd(
     if use_beams or getattr(net, "arch", None) == "seq2seq":  # an encoder-decoder answers whole outputs
         _print_beams(net, tokenizer, [prompt] if prompt_file is None else _read_prompts(prompt_file), params, beam, echo)
         return
+    optimize_for_inference(net, single_row=prompt_file is None)
     if prompt_file is None:
-        decode_layout(net)  # one sequence at a time: batch-1 decoding
         for i in range(num_samples):
             if i:
                 print("\n---")
@@ -198,8 +202,8 @@ def chat_cmd(
     import torch
 
     from llmkit.infer.chat import ChatSession, chat_loop
-    from llmkit.infer.compiled import decode_layout
     from llmkit.infer.generate import SamplingParams
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -207,7 +211,7 @@ def chat_cmd(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
-    chat_loop(ChatSession(decode_layout(net), tokenizer, system=system, params=params))
+    chat_loop(ChatSession(optimize_for_inference(net, single_row=True), tokenizer, system=system, params=params))
 
 
 @app.command("convert")
@@ -227,7 +231,8 @@ def convert_cmd(
 def prepare_cmd(
     inputs: list[str] = typer.Argument(..., help=".txt / .jsonl files or directories of them"),
     out: str = typer.Option(..., "--out", help="output data directory"),
-    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, or a tokenizer.json to reuse"),
+    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, a tokenizer.json to reuse, or a model "
+                                  "whose tokenizer to use (for train --init-from)"),
     vocab_size: int = typer.Option(8192, "--vocab-size", help="vocabulary size when training bpe"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of documents (or tail tokens) for val"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
@@ -245,8 +250,12 @@ def prepare_cmd(
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
         tok = Tokenizer.train_char(iter_texts(inputs))
-    else:
+    elif tokenizer.endswith(".json") or (Path(tokenizer) / "tokenizer.json").is_file():
         tok = Tokenizer.load(tokenizer)
+    else:  # a model name, .gguf file or model directory
+        from llmkit.io.resolve import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     meta = prepare(inputs, out, tok, val_fraction=val_fraction, seed=seed)
     print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
           f"tokens ({meta['dtype']}, vocab {meta['vocab_size']}) in {out}")
@@ -350,12 +359,13 @@ def embed_cmd(
     """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
     from llmkit.infer.embed import embed_texts, jsonl_lines, write_embeddings
     from llmkit.io.encoders import load_encoder, read_lines
+    from llmkit.infer.cpu import optimize_for_inference
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
     texts = read_lines(input_file)
     net, tokenizer = load_encoder(model, device=device)
-    vectors = embed_texts(net, tokenizer, texts, batch_size=batch_size)
+    vectors = embed_texts(optimize_for_inference(net), tokenizer, texts, batch_size=batch_size)
     if out is None:
         sys.stdout.writelines(jsonl_lines(texts, vectors))
     else:
@@ -437,6 +447,33 @@ def predict_cmd(
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or a short name"),
+    out: str = typer.Option(..., "--out", help="output llmkit model dir"),
+    sparsity: float = typer.Option(None, "--sparsity", help="unstructured: fraction of weights to zero, in [0, 1)"),
+    pattern: str = typer.Option(None, "--pattern", help="semi-structured N:M, e.g. 2:4"),
+    method: str = typer.Option("magnitude", "--method", help="--sparsity/--pattern scores: magnitude or wanda"),
+    scope: str = typer.Option("row", "--scope", help="--sparsity compared per row, per layer, or global"),
+    params: str = typer.Option(None, "--params", help="structured: target size, e.g. 90M (solves the MLP width)"),
+    layers: int = typer.Option(None, "--layers", help="structured: layers to keep"),
+    heads: int = typer.Option(None, "--heads", help="structured: query heads per layer to keep (whole KV groups)"),
+    mlp: int = typer.Option(None, "--mlp", help="structured: MLP channels per layer to keep"),
+    calib: str = typer.Option(None, "--calib", help="calibration text file (wanda and structured)"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens for activation statistics"),
+    layer_tokens: int = typer.Option(1024, "--layer-tokens", help="calibration tokens for layer-removal losses"),
+):
+    """Prune a model: zero weights (magnitude, Wanda, 2:4) or remove layers/heads/channels for a smaller one."""
+    from llmkit.compress.prune import run_prune
+
+    s = run_prune(model, out, sparsity=sparsity, method=method, scope=scope, pattern=pattern, params=params,
+                  layers=layers, heads=heads, mlp=mlp, calib=calib, calib_tokens=calib_tokens,
+                  layer_tokens=layer_tokens, log=lambda line: print(line, file=sys.stderr))
+    what = (f"{s['layers']} layers, {s['heads']} heads, MLP {s['mlp']}" if s["kind"] == "structured"
+            else f"{s['sparsity']:.1%} of block weights zeroed ({s['method']})")
+    print(f"{s['params_before']:,} -> {s['params_after']:,} parameters ({what}); saved to {out}")
 
 
 def _prepare_pairs(inputs, out, tokenizer: str, vocab_size: int, val_fraction: float, seed: int) -> None:

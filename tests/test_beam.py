@@ -17,7 +17,6 @@ from llmkit.infer.generate import generate  # noqa: E402
 from llmkit.infer.beam import BeamParams, ban_repeated_ngrams, beam_decode  # noqa: E402
 from llmkit.io.hf import save_hf  # noqa: E402
 from llmkit.model.decoder import GPT  # noqa: E402
-from llmkit.model.layers import KVCache  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = 64
@@ -85,22 +84,6 @@ def test_one_beam_is_greedy(tiny_pair):
         for _ in range(12):
             ids = torch.cat((ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
     assert tokens == ids[0, len(prompt):].tolist()
-
-
-def test_kv_cache_reorder_moves_filled_rows():
-    cache = KVCache(2, 1, 2, 8, 4)
-    cache.k[0][:, :, :3] = torch.randn(1, 2, 3, 4)
-    cache.v[1][:, :, :3] = torch.randn(1, 2, 3, 4)
-    cache.advance(3)
-    first_k, first_v = cache.k[0][0, :, :3].clone(), cache.v[1][0, :, :3].clone()
-    cache.reorder(torch.zeros(3, dtype=torch.long))            # one row -> three beams
-    assert cache.batch_size == 3 and cache.k[0].shape == (3, 2, 8, 4)
-    for row in range(3):
-        assert torch.equal(cache.k[0][row, :, :3], first_k) and torch.equal(cache.v[1][row, :, :3], first_v)
-    cache.k[0][1, :, :3] += 1
-    cache.reorder(torch.tensor([1, 1, 0]))
-    assert torch.equal(cache.k[0][0, :, :3], first_k + 1) and torch.equal(cache.k[0][1, :, :3], first_k + 1)
-    assert torch.equal(cache.k[0][2, :, :3], first_k)
 
 
 def test_ban_repeated_ngrams():

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
+from llmkit.io.checkpoint import TOKENIZER_FILE, load_model_weights, read_meta, save_checkpoint, weight_names
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder, EncoderConfig
 from llmkit.tokenizer import Tokenizer
@@ -88,25 +87,17 @@ def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
             raise LlmkitError(f"{path} holds a {meta.get('arch', 'decoder')!r} model, not an encoder")
         config = EncoderConfig.from_dict(meta["model"])
         task, labels = meta.get("task"), meta.get("labels")
-        if task is None and _has_mlm_head(path / WEIGHTS_FILE):  # pretraining checkpoints carry no task
+        if task is None and "mlm.dense.weight" in weight_names(path, meta):  # pretraining checkpoints carry no task
             task = "mlm"
         if task in ("classify", "tag"):
             check_label_file(path, labels)
         model = Encoder(config, task, labels)
-        load_weights(model, path / WEIGHTS_FILE)
+        load_model_weights(model, path, meta)
         if not (path / TOKENIZER_FILE).is_file():
             raise LlmkitError(f"missing tokenizer {path / TOKENIZER_FILE}")
         tokenizer = Tokenizer.load(path)
     prepare_tokenizer(tokenizer, model.config.max_length)
     return model.to(device).eval(), tokenizer
-
-
-def _has_mlm_head(weights: Path) -> bool:
-    try:
-        with safe_open(str(weights), "pt") as f:
-            return "mlm.dense.weight" in f.keys()
-    except Exception:  # load_weights reports a missing or corrupt file with a clear message
-        return False
 
 
 def check_label_file(path: Path, labels) -> None:

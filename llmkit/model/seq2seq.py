@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import KVCache, RMSNorm, SinusoidalPositions
+from llmkit.model.layers import RMSNorm, SinusoidalPositions
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
@@ -128,7 +128,7 @@ def relative_buckets(query_pos, key_pos, bidirectional: bool, n_buckets: int, ma
 
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v/o projections; keys/values from `memory` (cross-attention)
-    or from x (self-attention, optionally through a KVCache). `bias` is added to the scores."""
+    or from x (self-attention, optionally through a SelfAttentionCache). `bias` is added to the scores."""
 
     def __init__(self, cfg: Seq2SeqConfig, layer_idx: int = 0):
         super().__init__()
@@ -145,7 +145,7 @@ class Attention(nn.Module):
     def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.k(memory)), self.heads(self.v(memory))
 
-    def forward(self, x, bias=None, kv=None, cache: KVCache | None = None, causal: bool = False):
+    def forward(self, x, bias=None, kv=None, cache: SelfAttentionCache | None = None, causal: bool = False):
         B, T, _ = x.shape
         q = self.heads(self.q(x))
         k, v = kv if kv is not None else self.project_kv(x)
@@ -196,11 +196,35 @@ class Layer(nn.Module):
         return self._residual(x, self.mlp_norm, self.mlp)
 
 
+class SelfAttentionCache:
+    """The decoder's self-attention keys/values, (B, H, max_len, D) per layer, rows in lockstep: every
+    row of a seq2seq decode starts from the same start token, so one write position serves all."""
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len, self.pos = max_len, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+
+
 class Seq2SeqCache:
     """What decoding one batch of sources needs: the decoder's self-attention KV cache, each layer's
     cross-attention keys/values (computed once per source) and the source padding bias."""
 
-    def __init__(self, self_kv: KVCache | None, cross_kv: list, cross_bias: torch.Tensor):
+    def __init__(self, self_kv: SelfAttentionCache | None, cross_kv: list, cross_bias: torch.Tensor):
         self.self_kv, self.cross_kv, self.cross_bias = self_kv, cross_kv, cross_bias
 
     @property
@@ -307,8 +331,8 @@ class Seq2Seq(nn.Module):
         """A cache for decoding `memory`'s rows; without self_kv (training) the decoder attends over
         the target tokens of one call only."""
         cfg = self.config
-        self_kv = KVCache(cfg.n_dec_layer, memory.shape[0], cfg.n_head, max_len or cfg.block_size, cfg.head_dim,
-                          device=memory.device, dtype=memory.dtype) if self_kv else None
+        self_kv = SelfAttentionCache(cfg.n_dec_layer, memory.shape[0], cfg.n_head, max_len or cfg.block_size,
+                                     cfg.head_dim, memory.device, memory.dtype) if self_kv else None
         cross = [layer.cross_attn.project_kv(memory) for layer in self.decoder]
         return Seq2SeqCache(self_kv, cross, self._padding_bias(src_mask.bool(), memory.dtype))
 

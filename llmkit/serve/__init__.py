@@ -3,8 +3,8 @@
     from llmkit.serve import build_app, serve
     serve("smollm2-135m-instruct", port=8000)          # blocks; Ctrl-C stops it
 
-Pieces: engine.py (the batching scheduler), prefill.py (newcomers' prompts, shared prefixes
-reused), batch_cache.py (rows of one KV cache), app.py (routes), openai_stream.py (requests to
+Pieces: engine.py (the batching scheduler over llmkit.infer.generate's Decoder), prefill.py (newcomers'
+prompts, shared prefixes reused), app.py (routes), openai_stream.py (requests to
 jobs, events to OpenAI JSON/SSE), gate.py (auth, body limit, request metrics), metrics.py,
 schemas.py (pydantic bodies = the OpenAPI schema), embeddings.py, static/ (the chat page).
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.serve.app import create_app
-from llmkit.serve.engine import Engine, SamplingParams
+from llmkit.infer.generate import SamplingParams
+from llmkit.serve.engine import Engine
 
 __all__ = ["Engine", "SamplingParams", "build_app", "create_app", "serve", "served_name"]
 

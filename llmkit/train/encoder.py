@@ -215,7 +215,6 @@ class EncoderTrainer(Trainer):
         self.model.train()
         return total / count
 
-    def save(self) -> None:
-        if self.dist.is_main:  # the tokenizer first: a checkpoint's weights never lack their tokenizer
-            self.tokenizer.save(self.out_dir)
-        super().save()
+    def write_checkpoint(self, directory) -> None:
+        self.tokenizer.save(directory)  # whole: with the mask token (mlm) or the model's truncation limit
+        super().write_checkpoint(directory)
