@@ -87,17 +87,27 @@ def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
             raise LlmkitError(f"{path} holds a {meta.get('arch', 'decoder')!r} model, not an encoder")
         config = EncoderConfig.from_dict(meta["model"])
         task, labels = meta.get("task"), meta.get("labels")
-        if task is None and "mlm.dense.weight" in weight_names(path, meta):  # pretraining checkpoints carry no task
-            task = "mlm"
+        if task is None:  # pretraining checkpoints carry no task: their heads say which
+            names = weight_names(path, meta)
+            task = ("mlm+nsp" if "nsp.classifier.weight" in names else "mlm") if "mlm.dense.weight" in names else None
         if task in ("classify", "tag"):
             check_label_file(path, labels)
-        model = Encoder(config, task, labels)
+        model = _build(config, task, labels, meta)
         load_model_weights(model, path, meta)
         if not (path / TOKENIZER_FILE).is_file():
             raise LlmkitError(f"missing tokenizer {path / TOKENIZER_FILE}")
         tokenizer = Tokenizer.load(path)
     prepare_tokenizer(tokenizer, model.config.max_length)
     return model.to(device).eval(), tokenizer
+
+
+def _build(config: EncoderConfig, task, labels, meta: dict) -> Encoder:
+    """The Encoder class the checkpoint's task names: one head, several heads, or MLM + NSP."""
+    if task in ("multi", "mlm+nsp"):
+        from llmkit.model.heads import MultiTaskEncoder, PretrainingEncoder
+
+        return MultiTaskEncoder(config, meta.get("heads") or {}) if task == "multi" else PretrainingEncoder(config)
+    return Encoder(config, task, labels)
 
 
 def check_label_file(path: Path, labels) -> None:
@@ -121,6 +131,8 @@ def save_encoder(out_dir, model: Encoder, tokenizer: Tokenizer | None, extra: di
     """Model dir: config.json ("arch": "encoder", "task", "labels") + model.safetensors + tokenizer + labels.json."""
     out_dir = Path(out_dir)
     meta = {"task": model.task, **({"labels": model.labels} if model.labels else {}), **(extra or {})}
+    if hasattr(model, "head_meta"):  # a multi-task encoder: its heads' kinds, labels and loss weights
+        meta.update(model.head_meta())
     if model.labels:
         with atomic_open(out_dir / LABELS_FILE, encoding="utf-8") as f:
             json.dump({"task": model.task, "labels": model.labels}, f, indent=2, ensure_ascii=False)

@@ -27,7 +27,7 @@ from llmkit.train import state as train_state
 from llmkit.model.config import ModelConfig, preset
 from llmkit.io import sharded, snapshots
 from llmkit.errors import LlmkitError
-from llmkit.train.losses import contrastive_objective, masked_lm_objective
+from llmkit.train.losses import contrastive_objective, masked_lm_objective, mlm_nsp_objective
 from llmkit.train.optim import build_adamw, inverse_sqrt_lr, lr_at, set_lr
 from llmkit.train.perf import measure_peak_flops, mfu
 from llmkit.train.config import TrainConfig, load_train_config
@@ -51,6 +51,7 @@ OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], to
     "causal": causal_lm_loss,
     # encoder objectives: run by llmkit.train.encoder.EncoderTrainer, which supplies their batches
     "mlm": masked_lm_objective,
+    "mlm+nsp": mlm_nsp_objective,
     "contrastive": contrastive_objective,
 }
 
