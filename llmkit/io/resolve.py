@@ -158,6 +158,9 @@ def convert(src, dst, to: str = "llmkit") -> Path:
     if dst.is_file():
         raise LlmkitError(f"{dst} is a file; the destination must be a directory")
     model, tokenizer = resolve_model(src_path)
+    if to == "hf" and getattr(model, "arch", None) == "seq2seq":
+        from llmkit.io.hf_seq2seq import save_hf_seq2seq
+        return save_hf_seq2seq(model, tokenizer, dst)
     if to == "hf":
         from llmkit.io.hf import save_hf
         return save_hf(model, tokenizer, dst)
