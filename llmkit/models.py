@@ -83,12 +83,17 @@ def resolve_path(name_or_path) -> Path:
 def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     """(model, tokenizer) for a short name, a .gguf file, an llmkit or a Hugging Face directory.
 
-    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it,
-    default float32 (what GGUF weights are dequantized to).
+    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it.
+    Quantized weights (a GGUF's q8_0/q4_0/q4_1 blocks, an `llmkit quantize` directory) stay quantized
+    on the CPU when `dtype` is None (llmkit.infer.quant); a dtype expands them to floats.
     """
     path = resolve_path(name_or_path)
     kind = model_format(path)
-    if kind == "gguf":
+    keep_blocks = dtype is None and torch.device(device).type == "cpu"
+    if kind == "gguf" and keep_blocks:
+        from llmkit.io.gguf_blocks import load_gguf_quantized
+        model, tokenizer = load_gguf_quantized(path)
+    elif kind == "gguf":
         from llmkit.interop.gguf import load_gguf
         model, tokenizer = load_gguf(path)
     elif kind == "hf":
@@ -112,7 +117,7 @@ def convert(src, dst, to: str = "llmkit") -> Path:
         raise LlmkitError(f"{dst}: the destination is the source")
     if dst.is_file():
         raise LlmkitError(f"{dst} is a file; the destination must be a directory")
-    model, tokenizer = resolve_model(src_path)
+    model, tokenizer = resolve_model(src_path, dtype="float32")
     if to == "hf":
         from llmkit.interop.hf import save_hf
         return save_hf(model, tokenizer, dst)

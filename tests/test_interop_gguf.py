@@ -192,7 +192,7 @@ NEW_TOKENS = 48
 @pytest.fixture(scope="module")
 def smollm():
     path = embedded_model_path("smollm2-135m-instruct")
-    ours, tok = resolve_model("smollm2-135m-instruct")
+    ours, tok = resolve_model("smollm2-135m-instruct", dtype="float32")  # the import itself, expanded
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
