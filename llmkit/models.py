@@ -100,21 +100,36 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
         from llmkit.interop.hf import load_hf
         model, tokenizer = load_hf(path)
     else:
-        from llmkit.checkpoint import load_checkpoint
-        model, tokenizer = load_checkpoint(path)
+        from llmkit.checkpoint import load_checkpoint, read_meta
+        meta = read_meta(path)
+        if "quantization" in meta:  # an `llmkit quantize` directory
+            from llmkit.compress.quantize import load_quantized
+            model, tokenizer = load_quantized(path, meta, expand=not keep_blocks)
+        else:
+            model, tokenizer = load_checkpoint(path)
     dtype = parse_dtype(dtype)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval(), tokenizer
 
 
-def convert(src, dst, to: str = "llmkit") -> Path:
-    """Convert any model `resolve_model` reads into an llmkit ('llmkit') or Hugging Face ('hf') directory."""
-    if to not in ("llmkit", "hf"):
-        raise LlmkitError(f"unknown target format {to!r} (llmkit, hf)")
+def convert(src, dst, to: str = "llmkit", gguf_type: str = "f16") -> Path:
+    """Convert any model `resolve_model` reads into an llmkit ('llmkit') or Hugging Face ('hf') directory,
+    or a GGUF file ('gguf', tensors of `gguf_type`: f32, f16, q8_0, q4_0 or q4_1)."""
+    if to not in ("llmkit", "hf", "gguf"):
+        raise LlmkitError(f"unknown target format {to!r} (llmkit, hf, gguf)")
     src_path, dst = resolve_path(src), Path(dst)
     if dst.exists() and dst.resolve() == src_path.resolve():
         raise LlmkitError(f"{dst}: the destination is the source")
+    if to == "gguf":
+        from llmkit.io.gguf_write import TYPES, save_gguf
+        if gguf_type not in TYPES:
+            raise LlmkitError(f"unsupported GGUF tensor type {gguf_type!r} (supported: {', '.join(TYPES)})")
+        if dst.is_dir():
+            raise LlmkitError(f"{dst} is a directory; the GGUF destination must be a file")
+        # quantized sources keep their blocks when a quantized type is asked for
+        model, tokenizer = resolve_model(src_path, dtype=None if gguf_type.startswith("q") else "float32")
+        return save_gguf(model, tokenizer, dst, gguf_type)
     if dst.is_file():
         raise LlmkitError(f"{dst} is a file; the destination must be a directory")
     model, tokenizer = resolve_model(src_path, dtype="float32")
