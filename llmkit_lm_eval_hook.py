@@ -9,7 +9,7 @@ lm-eval or llmkit (or torch) is imported until lm-eval itself asks for its model
 import sys
 from importlib.abc import MetaPathFinder
 
-LAZY_TARGET = "llmkit.lm_eval_adapter:LlmkitLM"
+LAZY_TARGET = "llmkit.eval.lm_eval:LlmkitLM"
 
 
 class _RegisterAfterLmEvalModels(MetaPathFinder):

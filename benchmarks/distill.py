@@ -35,11 +35,11 @@ def main() -> int:
 
     import torch
 
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.data import prepare
-    from llmkit.distill import DistillTrainer
+    from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.data.corpus import prepare
+    from llmkit.train.distill import DistillTrainer
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train import Trainer, TrainConfig
+    from llmkit.train.trainer import Trainer, TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

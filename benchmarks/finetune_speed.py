@@ -55,7 +55,7 @@ def peak_mib() -> float:
 
 
 def batches(tokenizer, chats_file: Path, batch_size: int, n: int):
-    from llmkit.sft import SFTSampler, load_sft_data
+    from llmkit.data.chats import SFTSampler, load_sft_data
 
     data = load_sft_data(chats_file, tokenizer, SEQ + 1)
     sampler = SFTSampler(data, SEQ, batch_size, seed=0, pack_rows=True, pad_id=tokenizer.eos_id or 0)
@@ -82,9 +82,9 @@ def serve_steps(step, data) -> None:
 
 
 def child_llmkit(hf_dir: Path, chats: Path, lora: bool, batch_size: int, steps: int) -> None:
-    from llmkit.lora import LoRAConfig
-    from llmkit.sft_train import SFTTrainer
-    from llmkit.train_config import TrainConfig
+    from llmkit.model.lora import LoRAConfig
+    from llmkit.train.sft import SFTTrainer
+    from llmkit.train.config import TrainConfig
 
     config = TrainConfig(data_dir=str(chats), out_dir=tempfile.mkdtemp(), block_size=SEQ, batch_size=batch_size,
                          max_steps=10_000, lr=1e-4, progress=False, peak_flops=1e12)
@@ -193,7 +193,7 @@ def main() -> int:
         run(work / "hf", work / "chats.jsonl", lora, args.batch_size, args.steps)
         return 0
 
-    from llmkit.models import convert
+    from llmkit.io.resolve import convert
 
     names = ["llmkit LoRA", "llmkit full"]
     try:

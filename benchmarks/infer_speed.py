@@ -19,10 +19,10 @@ Engines:
                    layout): what a model built on PyTorch's matmuls cannot beat
   llmkit           llmkit.model GPT, eager, KV cache from model.new_cache(), as `llmkit generate` and
                    `llmkit chat` run it: one-row products, decode attention and RMSNorm through
-                   llmkit.kernels (which stream the weights faster than the floor above)
-  llmkit-pytorch   the same with llmkit.kernels switched off (LLMKIT_KERNELS=0): PyTorch's ops only,
-                   fp32 weights column-major (llmkit.fast.decode_layout)
-  llmkit-compiled  the model through llmkit.fast.CompiledDecoder (static KV cache, compiled block;
+                   llmkit.infer.kernels (which stream the weights faster than the floor above)
+  llmkit-pytorch   the same with llmkit.infer.kernels switched off (LLMKIT_KERNELS=0): PyTorch's ops only,
+                   fp32 weights column-major (llmkit.infer.compiled.decode_layout)
+  llmkit-compiled  the model through llmkit.infer.compiled.CompiledDecoder (static KV cache, compiled block;
                    "warm-up s" includes compiling it)
   transformers     LlamaForCausalLM with its DynamicCache (the path model.generate() takes); the
                    reference of the float rows ("vs reference"), as llama.cpp is of the quantized rows
@@ -83,15 +83,15 @@ def timed(fn) -> tuple[float, float]:
 
 
 def run_llmkit(model_dir, dtype, ids, new_tokens, repeats, compiled):
-    from llmkit.interop.hf import load_hf
+    from llmkit.io.hf import load_hf
 
-    from llmkit.fast import decode_layout
+    from llmkit.infer.compiled import decode_layout
 
     model, _ = load_hf(model_dir)
     model = decode_layout(model.to(dtype).eval())  # as `llmkit generate` and `llmkit chat` do
     step = None
     if compiled:
-        from llmkit.fast import CompiledDecoder
+        from llmkit.infer.compiled import CompiledDecoder
         step = CompiledDecoder(model, max_len=len(ids) + new_tokens)
     x = torch.tensor([ids])
     P = len(ids)
@@ -123,14 +123,14 @@ def run_floor(model_dir, dtype, repeats):
     streaming all weights from memory once, with no norms, attention or framework in between."""
     import torch.nn.functional as F
 
-    from llmkit.interop.hf import load_hf
+    from llmkit.io.hf import load_hf
 
     model, _ = load_hf(model_dir)
     weights = [m.weight.to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
     times = []
     with torch.inference_mode():
-        # both memory layouts (row-major as loaded, column-major as llmkit.fast.decode_layout): the faster counts
+        # both memory layouts (row-major as loaded, column-major as llmkit.infer.compiled.decode_layout): the faster counts
         for layout in (weights, [w.t().contiguous().t() for w in weights]):
             times += [timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in layout]) for _ in range(repeats + 2)]
     return min(t[0] for t in times), min(t[1] for t in times)
@@ -163,7 +163,7 @@ def run_transformers(model_dir, dtype, ids, new_tokens, repeats):
 def run_llmkit_quantized(gguf_path, ids, new_tokens, repeats):
     """llmkit on the GGUF's own blocks; also (load + first token) seconds."""
     from llmkit.infer import quant
-    from llmkit.models import resolve_model
+    from llmkit.io.resolve import resolve_model
 
     quant.available()  # built (and cached) before the clock starts, as after a first run
     start = time.perf_counter()
@@ -313,8 +313,8 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from llmkit.interop.hf import save_hf
-    from llmkit.models import resolve_model
+    from llmkit.io.hf import save_hf
+    from llmkit.io.resolve import resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = resolve_model("smollm2-135m-instruct", dtype="float32")
@@ -356,7 +356,7 @@ def quantized_rows(args, tmp: str, key: str) -> None:
     """llmkit and llama.cpp on the same GGUF file per format, side by side (llama.cpp is the reference)."""
     import importlib.util
 
-    from llmkit.models import convert, embedded_model_path
+    from llmkit.io.resolve import convert, embedded_model_path
 
     formats = [f for f in args.quant.split(",") if f]
     if not formats:

@@ -8,7 +8,7 @@ Rows (nanoGPT's shakespeare-char recipe, dropout 0, AdamW betas (0.9, 0.99), wd 
 Each row trains two models in this process from the same init, data and schedule:
   baseline  the straightforward loop: eager model with SDPA attention, for-loop AdamW (nanoGPT's CPU
             default), a Python list of slices per batch, loss.item() every step
-  llmkit    llmkit.train.Trainer.train_step: torch.compile (the first step, which compiles, is timed
+  llmkit    llmkit.train.trainer.Trainer.train_step: torch.compile (the first step, which compiles, is timed
             apart and reported), fused AdamW, vectorised sampling, no host sync per step, and (small
             row, 64-token windows) attention as plain matmuls rather than SDPA's flash kernel
 in alternating chunks of 50 iterations, so both see the same machine load (the machine is shared),
@@ -33,14 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmkit.config import preset  # noqa: E402
-from llmkit.data import RandomWindowSampler, load_split, prepare  # noqa: E402
+from llmkit.model.config import preset  # noqa: E402
+from llmkit.data.corpus import RandomWindowSampler, load_split, prepare  # noqa: E402
 from llmkit.model import layers  # noqa: E402
 from llmkit.model.decoder import GPT  # noqa: E402
-from llmkit.optim import lr_at, param_groups  # noqa: E402
-from llmkit.perf import measure_peak_flops  # noqa: E402
+from llmkit.train.optim import lr_at, param_groups  # noqa: E402
+from llmkit.train.perf import measure_peak_flops  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
-from llmkit.train import VAL_SEED, TrainConfig, Trainer  # noqa: E402
+from llmkit.train.trainer import VAL_SEED, TrainConfig, Trainer  # noqa: E402
 
 ROWS = {
     "small": dict(model=dict(n_layer=4, n_head=4, n_embd=128), block_size=64, batch_size=12, iters=2000,

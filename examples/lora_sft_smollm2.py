@@ -60,7 +60,7 @@ def is_json_answer(reply: str) -> bool:
 
 
 def ask(model, tokenizer, questions: list[str], max_new_tokens: int = 24) -> list[str]:
-    from llmkit.generate import SamplingParams, generate
+    from llmkit.infer.generate import SamplingParams, generate
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
     return generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
@@ -78,10 +78,10 @@ def run(out: str, steps: int = 40, batch_size: int = 8, lr: float = 2e-3, rank: 
         n_train: int = 256, model: str = "smollm2-135m-instruct", threads: int | None = None,
         log=print) -> tuple[float, float]:
     """Train, then return the fraction of held-out replies showing the behaviour (before, after)."""
-    from llmkit.lora import LoRAConfig
-    from llmkit.models import resolve_model
-    from llmkit.sft_train import SFTTrainer
-    from llmkit.train_config import TrainConfig
+    from llmkit.model.lora import LoRAConfig
+    from llmkit.io.resolve import resolve_model
+    from llmkit.train.sft import SFTTrainer
+    from llmkit.train.config import TrainConfig
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,46 @@
-"""llmkit: a complete, hackable LLM toolkit on PyTorch."""
-from llmkit.chat import ChatSession, ask
-from llmkit.config import PRESETS, ModelConfig, preset
-from llmkit.data import RandomWindowSampler, load_split, prepare
-from llmkit.embed import embed_texts
-from llmkit.encoders import load_encoder, save_encoder
-from llmkit.errors import LlmkitError
-from llmkit.evaluate import perplexity
-from llmkit.generate import (SamplingParams, apply_repetition_penalty, generate, sample_next, stream,
-                             top_k_filter, top_p_filter)
-from llmkit.model.decoder import GPT
-from llmkit.model.encoder import Encoder, EncoderConfig
-from llmkit.models import DEFAULT_MODEL, convert, resolve_model
-from llmkit.tasks import finetune
-from llmkit.tokenizer import Tokenizer
-from llmkit.train import Trainer, TrainConfig
+"""llmkit: a complete, hackable LLM toolkit on PyTorch.
+
+The package is laid out by pipeline stage: data/ -> model/ -> train/ -> infer/ -> eval/, with io/ for
+weights in and out and serve/ for the HTTP server. The names below are imported on first use
+(PEP 562), so `import llmkit` and `llmkit --help` do not load torch and every stage up front.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "LlmkitError": "llmkit.errors",
+    "Tokenizer": "llmkit.tokenizer",
+    "PRESETS": "llmkit.model.config", "ModelConfig": "llmkit.model.config", "preset": "llmkit.model.config",
+    "GPT": "llmkit.model.decoder",
+    "Encoder": "llmkit.model.encoder", "EncoderConfig": "llmkit.model.encoder",
+    "RandomWindowSampler": "llmkit.data.corpus", "load_split": "llmkit.data.corpus", "prepare": "llmkit.data.corpus",
+    "Trainer": "llmkit.train.trainer", "TrainConfig": "llmkit.train.trainer",
+    "finetune": "llmkit.train.tasks",
+    "SamplingParams": "llmkit.infer.generate", "generate": "llmkit.infer.generate", "stream": "llmkit.infer.generate",
+    "sample_next": "llmkit.infer.generate", "apply_repetition_penalty": "llmkit.infer.generate",
+    "top_k_filter": "llmkit.infer.generate", "top_p_filter": "llmkit.infer.generate",
+    "ChatSession": "llmkit.infer.chat", "ask": "llmkit.infer.chat",
+    "embed_texts": "llmkit.infer.embed",
+    "perplexity": "llmkit.eval.lm",
+    "DEFAULT_MODEL": "llmkit.io.resolve", "convert": "llmkit.io.resolve", "resolve_model": "llmkit.io.resolve",
+    "load_encoder": "llmkit.io.encoders", "save_encoder": "llmkit.io.encoders",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -36,15 +36,15 @@ def train(
     base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
 ):
     """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
-    from llmkit.objectives import ENCODER_OBJECTIVES
-    from llmkit.train import Trainer, load_train_config
+    from llmkit.train.losses import ENCODER_OBJECTIVES
+    from llmkit.train.trainer import Trainer, load_train_config
 
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
                                objective=objective)
     if config.objective in ENCODER_OBJECTIVES:
-        from llmkit.encoder_train import EncoderTrainer
+        from llmkit.train.encoder import EncoderTrainer
 
         trainer = EncoderTrainer(config, model=base_model, resume=resume)
     elif base_model is not None:
@@ -78,7 +78,7 @@ def eval_(
     import json
 
     if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
-        from llmkit.evaluate import evaluate_tasks, results_table
+        from llmkit.eval.lm import evaluate_tasks, results_table
         from llmkit.utils import atomic_open
 
         if data:
@@ -92,7 +92,7 @@ def eval_(
         print(json.dumps(summary) if as_json else results_table(summary))
         return
 
-    from llmkit.evaluate import evaluate_model
+    from llmkit.eval.lm import evaluate_model
 
     result = evaluate_model(model, text_file=text, data_dir=data, split=split, batch_size=batch_size,
                             stride=stride, max_tokens=max_tokens, device=device)
@@ -124,9 +124,9 @@ def generate_cmd(
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     import torch
 
-    from llmkit.fast import decode_layout
-    from llmkit.generate import SamplingParams, generate, stream
-    from llmkit.models import resolve_model
+    from llmkit.infer.compiled import decode_layout
+    from llmkit.infer.generate import SamplingParams, generate, stream
+    from llmkit.io.resolve import resolve_model
 
     if (prompt is None) == (prompt_file is None):
         raise LlmkitError("give either a PROMPT or --prompt-file, not both or neither")
@@ -181,10 +181,10 @@ def chat_cmd(
     """Chat with a model: streamed replies, multi-turn history, /reset and /exit."""
     import torch
 
-    from llmkit.chat import ChatSession, chat_loop
-    from llmkit.fast import decode_layout
-    from llmkit.generate import SamplingParams
-    from llmkit.models import resolve_model
+    from llmkit.infer.chat import ChatSession, chat_loop
+    from llmkit.infer.compiled import decode_layout
+    from llmkit.infer.generate import SamplingParams
+    from llmkit.io.resolve import resolve_model
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
@@ -203,7 +203,7 @@ def convert_cmd(
 ):
     """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory,
     or with --to gguf into a GGUF file that llama.cpp and transformers load."""
-    from llmkit.models import convert
+    from llmkit.io.resolve import convert
 
     out = convert(src, dst, to=to, gguf_type=gguf_type)
     print(f"wrote {to} model to {out}")
@@ -219,7 +219,7 @@ def prepare_cmd(
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
 ):
     """Tokenize text into train.bin / val.bin (+ meta.json, tokenizer.json) for `llmkit train`."""
-    from llmkit.data import iter_texts, prepare
+    from llmkit.data.corpus import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
     if tokenizer == "bpe":
@@ -280,7 +280,7 @@ def distill_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
 ):
     """Train a smaller student to match a teacher's next-token distributions."""
-    from llmkit.distill import run_distill
+    from llmkit.train.distill import run_distill
 
     metrics = run_distill(teacher, student, data, out, overrides or [], temperature=temperature, alpha=alpha,
                           top_k=top_k, max_steps=max_steps, resume=resume)
@@ -297,7 +297,7 @@ def plot_cmd(
     """Draw a run's loss, learning-rate and throughput curves into a PNG."""
     from pathlib import Path
 
-    from llmkit.plot import plot_metrics
+    from llmkit.eval.plot import plot_metrics
 
     base = Path(run) if Path(run).is_dir() else Path(run).parent
     print(f"wrote {plot_metrics(run, out or base / 'metrics.png')}")
@@ -312,8 +312,8 @@ def attention_cmd(
     out: str = typer.Option("attention.png", "--out", help="PNG to write"),
 ):
     """Draw the attention maps of chosen layers/heads for a text as a PNG heatmap grid."""
-    from llmkit.models import resolve_model
-    from llmkit.plot import attention_png
+    from llmkit.io.resolve import resolve_model
+    from llmkit.eval.plot import attention_png
 
     net, tokenizer = resolve_model(model)
     print(f"wrote {attention_png(net, tokenizer, text, out, _int_list(layers, '--layers'), _int_list(heads, '--heads'))}")
@@ -329,8 +329,8 @@ def embed_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
-    from llmkit.embed import embed_texts, jsonl_lines, write_embeddings
-    from llmkit.encoders import load_encoder, read_lines
+    from llmkit.infer.embed import embed_texts, jsonl_lines, write_embeddings
+    from llmkit.io.encoders import load_encoder, read_lines
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
@@ -381,8 +381,8 @@ def finetune_cmd(
         raise LlmkitError("give the training data once: as DATA or as --data")
     data = data or data_option
     if task == "sft":
-        from llmkit.lora import LoRAConfig
-        from llmkit.sft_train import run_sft
+        from llmkit.model.lora import LoRAConfig
+        from llmkit.train.sft import run_sft
 
         adapters = LoRAConfig(lora_rank, lora_alpha, lora_dropout, lora_targets) if lora else None
         metrics = run_sft(model, data, out, val=val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
@@ -393,7 +393,7 @@ def finetune_cmd(
         print(f"step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}{val_text}; saved to {out}")
         return
     if task in ("classify", "tag"):
-        from llmkit.tasks import FinetuneConfig, finetune, format_metrics
+        from llmkit.train.tasks import FinetuneConfig, finetune, format_metrics
 
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
         metrics = finetune(model, data, out, task, val_path=val, config=config,
@@ -413,7 +413,7 @@ def predict_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
-    from llmkit.tasks import format_metrics, run_predict
+    from llmkit.train.tasks import format_metrics, run_predict
 
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:

@@ -38,12 +38,12 @@ def write_corpus(path: Path) -> int:
 
 def run(out_dir: str | Path = "runs/demo", max_steps: int | None = None, chat: bool = True,
         out=sys.stdout) -> dict:
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.data import iter_texts, prepare
-    from llmkit.generate import generate
+    from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.data.corpus import iter_texts, prepare
+    from llmkit.infer.generate import generate
     from llmkit.tokenizer import Tokenizer
-    from llmkit.train import Trainer
-    from llmkit.train_config import TrainConfig
+    from llmkit.train.trainer import Trainer
+    from llmkit.train.config import TrainConfig
 
     out_dir = Path(out_dir)
     corpus, data_dir, model_dir = out_dir / "corpus.jsonl", out_dir / "data", out_dir / "model"
@@ -78,8 +78,8 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int | None = None, chat: b
 
     answer = None
     if chat:
-        from llmkit.chat import ask
-        from llmkit.models import DEFAULT_MODEL
+        from llmkit.infer.chat import ask
+        from llmkit.io.resolve import DEFAULT_MODEL
 
         say(f"\n== 5. the embedded pretrained chat model ({DEFAULT_MODEL}), asked through its chat template:")
         say(f"user: {DEMO_QUESTION}")

@@ -11,15 +11,14 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import models, normalizers, pre_tokenizers, processors  # noqa: E402
 
-from encoderkit import one_thread  # noqa: E402, F401 (autouse fixture)
-from llmkit.embed import embed_texts  # noqa: E402
-from llmkit.encoders import load_encoder  # noqa: E402
+
+from llmkit.infer.embed import embed_texts  # noqa: E402
+from llmkit.io.encoders import load_encoder  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
-from llmkit.interop.bert import convert_state_dict, load_hf_encoder  # noqa: E402
+from llmkit.io.bert import convert_state_dict, load_hf_encoder  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "##s", "##ing", "a", "big", "red", "."]
-
 
 
 def wordpiece_tokenizer(path):

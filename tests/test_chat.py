@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from llmkit.chat import ChatSession, ask, chat_loop
-from llmkit.config import ModelConfig
+from llmkit.infer.chat import ChatSession, ask, chat_loop
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.generate import SamplingParams
+from llmkit.infer.generate import SamplingParams
 from llmkit.model.decoder import GPT
 from llmkit.tokenizer import Tokenizer
 

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmkit.data import (RandomWindowSampler, _cut_point, _split_long, _text_pieces, choose_dtype,
+from llmkit.data.corpus import (RandomWindowSampler, _cut_point, _split_long, _text_pieces, choose_dtype,
                          iter_texts, load_split, prepare)
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import Tokenizer
+from conftest import shared_file
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare.txt"
 VOCAB = "alpha beta gamma delta  x-ray 12 345 , . ! ? ' \n \n\n über ölig 漢字 ok".split(" ")
 
 
@@ -284,10 +284,9 @@ def test_sampler_errors():
         RandomWindowSampler(TOKENS, 8, 0, seed=0)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared tinyshakespeare.txt missing")
 def test_tinyshakespeare_char_prepare_matches_nanogpt_sizes(tmp_path):
-    tok = Tokenizer.train_char(iter_texts([SHAKESPEARE]))
-    meta = prepare([SHAKESPEARE], tmp_path / "shakespeare", tok)
+    tok = Tokenizer.train_char(iter_texts([shared_file("tinyshakespeare.txt")]))
+    meta = prepare([shared_file("tinyshakespeare.txt")], tmp_path / "shakespeare", tok)
     # nanoGPT's shakespeare_char: 1,003,854 train and 111,540 val tokens (we add one EOS).
     assert (meta["train_tokens"], meta["val_tokens"]) == (int(1115395 * 0.9), 1115395 - int(1115395 * 0.9))
     assert load_split(tmp_path / "shakespeare", "train")[:5].tolist() == [18, 47, 56, 57, 58]

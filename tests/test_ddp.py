@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from trainkit import make_data_dir, read_metrics, tiny_config
+from conftest import make_data_dir, read_metrics, tiny_config
 
-from llmkit.checkpoint import load_checkpoint
-from llmkit.train import Trainer
+from llmkit.io.checkpoint import load_checkpoint
+from llmkit.train.trainer import Trainer
 
 
 def free_port() -> int:

@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from finetunekit import one_thread, tiny_model_dir  # noqa: F401
-from trainkit import make_data_dir, read_metrics, run_cli, tiny_config
+from conftest import make_data_dir, read_metrics, run_cli, tiny_config, tiny_model_dir
 
-from llmkit.distill import DistillTrainer, TeacherTopK, TopK, distillation_loss, soft_cross_entropy
+from llmkit.train.distill import DistillTrainer, TeacherTopK, TopK, distillation_loss, soft_cross_entropy
 from llmkit.errors import LlmkitError
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 
 def logits(seed, shape=(2, 5, 11)):
@@ -80,7 +79,7 @@ def teacher_dir(tmp_path_factory, data_dir):
 
 @pytest.mark.parametrize("top_k", [None, 4])
 def test_trainer_distills_and_validates_on_plain_cross_entropy(tmp_path, data_dir, teacher_dir, top_k):
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.io.checkpoint import load_checkpoint
 
     teacher, tok = load_checkpoint(teacher_dir)
     config = tiny_config(data_dir, tmp_path / "student", model={"n_embd": 16}, max_steps=6, eval_interval=3)
@@ -113,8 +112,8 @@ def test_cli_distill_and_vocab_mismatch(tmp_path, monkeypatch, capsys, data_dir,
 
 
 def test_teacher_top_k_cache_covers_aligned_windows(data_dir, teacher_dir):
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.data import load_split
+    from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.data.corpus import load_split
 
     teacher, _ = load_checkpoint(teacher_dir)
     tokens = load_split(data_dir, "val")

@@ -4,13 +4,12 @@ import json
 import pytest
 import torch
 
-from encoderkit import one_thread, tiny_encoder_dir  # noqa: F401 (autouse fixture)
-from llmkit.encoders import LABELS_FILE, load_encoder, save_encoder
+from conftest import tiny_encoder_dir
+from llmkit.io.encoders import LABELS_FILE, load_encoder, save_encoder
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder, EncoderConfig, encoder_preset, with_head
 
 CFG = dict(vocab_size=50, max_position=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-
 
 
 def batch(B=3, T=10, pad=0, seed=0):

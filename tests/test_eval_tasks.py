@@ -2,12 +2,11 @@
 import json
 
 import pytest
-from finetunekit import one_thread, tiny_model_dir, write_jsonl  # noqa: F401
-from trainkit import run_cli
+from conftest import run_cli, tiny_model_dir, write_jsonl
 
-from llmkit.checkpoint import load_checkpoint
+from llmkit.io.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
-from llmkit.evaluate import (loglikelihood, multiple_choice, read_gen_items, read_mc_items, results_table,
+from llmkit.eval.lm import (loglikelihood, multiple_choice, read_gen_items, read_mc_items, results_table,
                              split_continuation, text_metrics)
 
 MC = [{"question": "capital of zorbia?", "choices": ["quibble", "frobnitz", "paris"], "answer": 0},

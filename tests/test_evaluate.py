@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trainkit import make_data_dir, run_cli, tiny_config
+from conftest import make_data_dir, run_cli, tiny_config
 
-from llmkit.config import preset
-from llmkit.data import load_split
+from llmkit.model.config import preset
+from llmkit.data.corpus import load_split
 from llmkit.errors import LlmkitError
-from llmkit.evaluate import loglikelihood, perplexity, windows
+from llmkit.eval.lm import loglikelihood, perplexity, windows
 from llmkit.model.decoder import GPT
 from llmkit.tokenizer import Tokenizer
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_eval_cli_reports_perplexity_as_exp_loss(trained, monkeypatch, capsys, t
     result = json.loads(out)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
     assert result["tokens"] == len(load_split(data_dir, "val")) - 1
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.io.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(model_dir)
     assert result["loss"] == pytest.approx(perplexity(model, load_split(data_dir, "val"))["loss"], rel=1e-6)

@@ -1,10 +1,10 @@
-"""llmkit.fast.CompiledDecoder gives the model's own logits, eager and compiled."""
+"""llmkit.infer.compiled.CompiledDecoder gives the model's own logits, eager and compiled."""
 import pytest
 import torch
 
-from llmkit.config import preset
+from llmkit.model.config import preset
 from llmkit.errors import LlmkitError
-from llmkit.fast import CompiledDecoder, decode_layout
+from llmkit.infer.compiled import CompiledDecoder, decode_layout
 from llmkit.model.decoder import GPT
 
 
@@ -56,8 +56,8 @@ def test_bf16_model_keeps_an_fp32_cache():
 def test_decode_layout_keeps_values_and_checkpoints(name, tmp_path, monkeypatch):
     """Column-major weights where PyTorch's BLAS decodes: same logits (tied head included), and the
     checkpoint still saves and loads. llmkit's own kernel reads them row-major, as they are."""
-    from llmkit import kernels
-    from llmkit.checkpoint import load_checkpoint, save_checkpoint
+    from llmkit.infer import kernels
+    from llmkit.io.checkpoint import load_checkpoint, save_checkpoint
     from llmkit.tokenizer import Tokenizer
 
     torch.manual_seed(0)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmkit.checkpoint import save_checkpoint
+from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import app
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.generate import (Completion, IncrementalDecoder, SamplingParams, apply_repetition_penalty, generate,
+from llmkit.infer.generate import (Completion, IncrementalDecoder, SamplingParams, apply_repetition_penalty, generate,
                              sample_next, stream, top_k_filter, top_p_filter)
 from llmkit.model.decoder import GPT
 from llmkit.model.layers import KVCache
@@ -219,7 +219,7 @@ def model_dir(tmp_path_factory, tok):
 
 
 def test_cli_streams_a_prompt(model_dir, tok):
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.io.checkpoint import load_checkpoint
     model, _ = load_checkpoint(model_dir)
     expected = generate(model, tok, "To be", max_new_tokens=10, temperature=0)
     result = CliRunner().invoke(app, ["generate", "To be", "--model", str(model_dir), "--max-new-tokens", "10",
@@ -232,7 +232,7 @@ def test_cli_streams_a_prompt(model_dir, tok):
 
 
 def test_cli_generates_in_bfloat16_and_rejects_unknown_dtypes(model_dir, tok):
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.io.checkpoint import load_checkpoint
     model, _ = load_checkpoint(model_dir)
     expected = generate(model.to(torch.bfloat16), tok, "To be", max_new_tokens=8, temperature=0)
     result = CliRunner().invoke(app, ["generate", "To be", "--model", str(model_dir), "--max-new-tokens", "8",

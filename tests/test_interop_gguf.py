@@ -14,9 +14,9 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from llmkit.errors import LlmkitError  # noqa: E402
-from llmkit.generate import generate  # noqa: E402
-from llmkit.interop.gguf import load_gguf  # noqa: E402
-from llmkit.models import convert, embedded_model_path, resolve_model  # noqa: E402
+from llmkit.infer.generate import generate  # noqa: E402
+from llmkit.io.gguf import load_gguf  # noqa: E402
+from llmkit.io.resolve import convert, embedded_model_path, resolve_model  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

@@ -10,12 +10,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from llmkit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from llmkit.config import ModelConfig, preset  # noqa: E402
+from llmkit.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from llmkit.model.config import ModelConfig, preset  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
-from llmkit.interop.hf import load_hf, save_hf  # noqa: E402
+from llmkit.io.hf import load_hf, save_hf  # noqa: E402
 from llmkit.model.decoder import GPT  # noqa: E402
-from llmkit.models import convert, resolve_model  # noqa: E402
+from llmkit.io.resolve import convert, resolve_model  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
 
 VOCAB = 320

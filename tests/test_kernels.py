@@ -1,4 +1,4 @@
-"""llmkit.kernels: the CPU decoding kernels against PyTorch's own ops, and the model paths that take them."""
+"""llmkit.infer.kernels: the CPU decoding kernels against PyTorch's own ops, and the model paths that take them."""
 import os
 import subprocess
 import sys
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit import kernels
-from llmkit.config import preset
+from llmkit.infer import kernels
+from llmkit.model.config import preset
 from llmkit.model.decoder import GPT
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="llmkit's CPU kernels need AVX2 and a C++ compiler")
@@ -110,8 +110,8 @@ def test_without_a_compiler_pytorch_decodes(tmp_path):
     """A failed build warns once and leaves PyTorch's kernels in place."""
     code = """
 import warnings, torch
-from llmkit import kernels
-from llmkit.config import preset
+from llmkit.infer import kernels
+from llmkit.model.config import preset
 from llmkit.model.decoder import GPT
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

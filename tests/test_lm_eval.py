@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from finetunekit import one_thread, tiny_model_dir, write_jsonl  # noqa: F401
+from conftest import tiny_model_dir, write_jsonl
 
 pytest.importorskip("lm_eval")
 
@@ -52,8 +52,8 @@ def task_dir(root):
 
 @pytest.mark.slow
 def test_lm_eval_runs_llmkit_model_on_local_tasks(tmp_path):
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.evaluate import multiple_choice, perplexity
+    from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.eval.lm import multiple_choice, perplexity
 
     model_dir = tiny_model_dir(tmp_path / "model")
     tasks = task_dir(tmp_path)
@@ -84,8 +84,8 @@ def test_shipped_example_task_runs(tmp_path):
     model_dir = tiny_model_dir(tmp_path / "model")
     results = run_lm_eval(tmp_path, ["--model_args", f"path={model_dir}", "--tasks", "llmkit_example_mc",
                                      "--include_path", "examples/lm_eval_tasks", "--device", "cpu"], cwd=repo)
-    from llmkit.checkpoint import load_checkpoint
-    from llmkit.evaluate import multiple_choice, read_mc_items
+    from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.eval.lm import multiple_choice, read_mc_items
 
     model, tok = load_checkpoint(model_dir)
     ours = multiple_choice(model, tok, read_mc_items(repo / "examples/data/mc.jsonl"))

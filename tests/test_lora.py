@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
-from finetunekit import one_thread  # noqa: F401
 
-from llmkit.config import preset
+
+from llmkit.model.config import preset
 from llmkit.errors import LlmkitError
-from llmkit.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, apply_lora, count_parameters,
+from llmkit.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, LoRALinear, apply_lora, count_parameters,
                          load_adapter, lora_modules, merge_lora, save_adapter)
 from llmkit.model.decoder import GPT
 
@@ -168,7 +168,7 @@ def test_smollm2_lora_sft_teaches_a_new_behaviour(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    pytest.importorskip("llmkit.models").embedded_model_path("smollm2-135m-instruct")
+    pytest.importorskip("llmkit.io.resolve").embedded_model_path("smollm2-135m-instruct")
     path = Path(__file__).resolve().parents[1] / "examples" / "lora_sft_smollm2.py"
     spec = importlib.util.spec_from_file_location("lora_sft_smollm2", path)
     example = importlib.util.module_from_spec(spec)

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from llmkit.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
-from llmkit.config import ModelConfig, preset
+from llmkit.io.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from llmkit.model.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
 from llmkit.model.decoder import GPT
 from llmkit.model import layers

@@ -1,20 +1,17 @@
 """Objectives: BERT masking statistics, InfoNCE, and encoder training (mlm, contrastive) in the Trainer."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from encoderkit import INTENTS, intent_data, one_thread, run_cli, tiny_encoder_dir, write_jsonl  # noqa: F401
-from llmkit.encoder_train import EncoderTrainer
-from llmkit.encoders import load_encoder
+from conftest import INTENTS, intent_data, run_cli, shared_file, tiny_encoder_dir, write_jsonl
+from llmkit.train.encoder import EncoderTrainer
+from llmkit.io.encoders import load_encoder
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder, EncoderConfig
-from llmkit.objectives import IGNORE_INDEX, contrastive_objective, info_nce, mask_tokens
-from llmkit.train import TrainConfig
-
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare.txt"
+from llmkit.train.losses import IGNORE_INDEX, contrastive_objective, info_nce, mask_tokens
+from llmkit.train.trainer import TrainConfig
 
 
 
@@ -44,8 +41,8 @@ def test_masking_is_reproducible_from_the_generator():
 
 def test_masked_window_sampler_masks_the_global_batch_the_same_on_every_rank():
     """Rank r of N gets exactly rows r of the batch (windows and masks) one process would draw."""
-    from llmkit.data import RandomWindowSampler
-    from llmkit.encoder_train import MaskedWindowSampler
+    from llmkit.data.corpus import RandomWindowSampler
+    from llmkit.train.encoder import MaskedWindowSampler
 
     tokens = torch.randint(3, 100, (5000,)).numpy()
 
@@ -90,14 +87,12 @@ def test_contrastive_objective_pads_both_views_and_uses_dropout():
 
 @pytest.fixture(scope="module")
 def shakespeare_data(tmp_path_factory):
-    if not SHAKESPEARE.exists():
-        pytest.skip(f"{SHAKESPEARE} is missing")
-    from llmkit.data import prepare
+    from llmkit.data.corpus import prepare
     from llmkit.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("mlm")
     corpus = root / "ts.txt"
-    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:120_000], encoding="utf-8")
+    corpus.write_text(shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000], encoding="utf-8")
     prepare([corpus], root / "data", Tokenizer.train_bpe([corpus.read_text(encoding="utf-8")], 512))
     return root / "data"
 
@@ -152,7 +147,6 @@ def test_contrastive_training_pulls_pairs_together(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses
     model, tok = load_encoder(tmp_path / "cl")
     assert model.task is None and tok.hf.truncation["max_length"] == 64  # the model's limit, not block_size
-
 
 
 def test_train_cli_objectives_and_errors(shakespeare_data, tmp_path, monkeypatch, capsys):

@@ -3,11 +3,10 @@ import json
 
 import pytest
 import torch
-from finetunekit import one_thread, tiny_decoder, tiny_model_dir  # noqa: F401
-from trainkit import run_cli
+from conftest import run_cli, tiny_decoder, tiny_model_dir
 
 from llmkit.errors import LlmkitError
-from llmkit.plot import attention_maps, plot_metrics
+from llmkit.eval.plot import attention_maps, plot_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,17 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from llmkit.checkpoint import save_checkpoint  # noqa: E402
+from llmkit.io.checkpoint import save_checkpoint  # noqa: E402
 from llmkit.compress.quantize import gptq_blocks, quantize_command, rtn_blocks  # noqa: E402
-from llmkit.config import ModelConfig  # noqa: E402
+from llmkit.model.config import ModelConfig  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
 from llmkit.infer import quant  # noqa: E402
 from llmkit.infer.quant import QuantLinear  # noqa: E402
-from llmkit.interop.gguf import GGUFFile  # noqa: E402
+from llmkit.io.gguf import GGUFFile  # noqa: E402
 from llmkit.io.gguf_blocks import load_gguf_quantized  # noqa: E402
 from llmkit.io.gguf_write import save_gguf  # noqa: E402
 from llmkit.model.decoder import GPT  # noqa: E402
-from llmkit.models import convert, resolve_model  # noqa: E402
+from llmkit.io.resolve import convert, resolve_model  # noqa: E402
 from llmkit.tokenizer import Tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not quant.available(), reason="quantized kernels need a C++ compiler")

@@ -9,12 +9,12 @@ import openai
 import pytest
 import torch
 
-from llmkit.checkpoint import load_checkpoint
+from llmkit.io.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
-from llmkit.generate import generate
+from llmkit.infer.generate import generate
 from llmkit.serve import create_app
 from llmkit.serve.engine import Engine
-from serve_support import make_tiny_model, server_process, server_thread
+from conftest import make_tiny_model, server_process, server_thread
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -7,12 +7,12 @@ import asyncio
 import pytest
 import torch
 
-from llmkit.checkpoint import load_checkpoint
+from llmkit.io.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
-from llmkit.generate import generate
+from llmkit.infer.generate import generate
 from llmkit.serve.engine import Engine, QueueFull, SamplingParams
 from llmkit.serve.prefill import Prefiller, copy_pieces
-from serve_support import make_tiny_model
+from conftest import make_tiny_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,7 +51,7 @@ PROMPTS = ["The king", "Soldiers march home through rain to find their hearts ol
 
 def test_continuous_batching_matches_one_at_a_time(tiny):
     """Sequences joining and leaving a running batch (right shifts for long newcomers, compaction in a
-    64-slot context) produce exactly the greedy text of llmkit.generate run on each prompt alone."""
+    64-slot context) produce exactly the greedy text of llmkit.infer.generate run on each prompt alone."""
     model, tok = tiny
     lengths = [20 + 2 * (i % 3) for i in range(len(PROMPTS))]
     expected = [generate(model, tok, p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths)]

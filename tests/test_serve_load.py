@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 
-from llmkit.checkpoint import load_checkpoint
+from llmkit.io.checkpoint import load_checkpoint
 from llmkit.serve import create_app
 from llmkit.serve.engine import Engine
-from serve_support import make_tiny_model, server_process, server_thread
+from conftest import make_tiny_model, server_process, server_thread
 
 LOAD_CLIENTS, LOAD_SECONDS = 16, 30
 

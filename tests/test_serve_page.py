@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.checkpoint import load_checkpoint
+from llmkit.io.checkpoint import load_checkpoint
 from llmkit.serve import create_app
 from llmkit.serve.engine import Engine
-from serve_support import make_tiny_model, server_thread
+from conftest import make_tiny_model, server_thread
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = [

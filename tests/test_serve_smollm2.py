@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from llmkit.serve import build_app
-from serve_support import server_thread
+from conftest import server_thread
 
 pytestmark = [
     pytest.mark.slow,

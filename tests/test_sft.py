@@ -1,12 +1,12 @@
 """SFT data (assistant-only labels, truncation, padding/packing, sampler resume) and the SFT trainer."""
 import pytest
 import torch
-from finetunekit import one_thread, tiny_decoder, tiny_model_dir, tiny_tokenizer, write_jsonl  # noqa: F401
+from conftest import tiny_decoder, tiny_model_dir, tiny_tokenizer, write_jsonl
 
-from llmkit.checkpoint import load_checkpoint
+from llmkit.io.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
-from llmkit.lora import ADAPTER_CONFIG, LoRAConfig, lora_modules
-from llmkit.sft import IGNORE, SFTData, SFTSampler, collate, encode_chat, encode_chats, pack, read_chats
+from llmkit.model.lora import ADAPTER_CONFIG, LoRAConfig, lora_modules
+from llmkit.data.chats import IGNORE, SFTData, SFTSampler, collate, encode_chat, encode_chats, pack, read_chats
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "capital of zorbia?"},
         {"role": "assistant", "content": "quibble"}, {"role": "user", "content": "and of yonder?"},
@@ -125,8 +125,8 @@ def chats(tmp_path_factory):
 
 
 def sft(base_dir, chats, out, steps, lora=True, resume=False, **kw):
-    from llmkit.sft_train import SFTTrainer
-    from llmkit.train_config import TrainConfig
+    from llmkit.train.sft import SFTTrainer
+    from llmkit.train.config import TrainConfig
 
     cfg = TrainConfig(data_dir=str(chats), out_dir=str(out), block_size=32, batch_size=4, max_steps=steps,
                       lr=1e-2, warmup_steps=1, eval_interval=0, ckpt_interval=2, log_interval=1, progress=False,
@@ -155,12 +155,34 @@ def test_lora_sft_resumes_exactly_and_writes_adapter_and_merged_model(tmp_path, 
     torch.testing.assert_close(merged(x)[0], straight.raw_model.eval()(x)[0], atol=1e-5, rtol=0)
 
 
+def test_adapter_dir_resolves_to_its_base_with_the_adapter_merged(tmp_path, base_dir, chats):
+    """--model accepts an adapter directory alone: resolve_model loads the base it names and merges it."""
+    import shutil
+
+    from llmkit.io.resolve import resolve_model
+    from llmkit.model.lora import ADAPTER_WEIGHTS
+
+    trainer = sft(base_dir, chats, tmp_path / "run", 2)
+    trainer.fit()
+    adapter_only = tmp_path / "adapter"
+    adapter_only.mkdir()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        shutil.copy(tmp_path / "run" / name, adapter_only / name)
+    model, _ = resolve_model(adapter_only)
+    assert not lora_modules(model)
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    torch.testing.assert_close(model(x)[0], trainer.raw_model.eval()(x)[0], atol=1e-5, rtol=0)
+    (adapter_only / ADAPTER_CONFIG).write_text('{"lora": {"rank": 4}, "modules": []}')
+    with pytest.raises(LlmkitError, match="does not name its base model"):
+        resolve_model(adapter_only)
+
+
 def test_full_sft_learns_the_reply(tmp_path, base_dir, chats):
     trainer = sft(base_dir, chats, tmp_path / "full", 12, lora=False, val_fraction=0.25)
     metrics = trainer.fit()
     assert metrics["val_loss"] < 1.0  # started near log(vocab) ~ 5.8
     model, tokenizer = load_checkpoint(tmp_path / "full")
-    from llmkit.generate import generate
+    from llmkit.infer.generate import generate
 
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "capital of zorbia 99?"}])
     assert generate(model, tokenizer, prompt, max_new_tokens=6, temperature=0).startswith("quibble")
@@ -175,8 +197,8 @@ def test_bad_data_fails_before_anything_is_written(tmp_path, base_dir):
 
 def test_resume_with_another_rank_is_refused(tmp_path, base_dir, chats):
     sft(base_dir, chats, tmp_path / "r", 2).fit()
-    from llmkit.sft_train import SFTTrainer
-    from llmkit.train_config import TrainConfig
+    from llmkit.train.sft import SFTTrainer
+    from llmkit.train.config import TrainConfig
 
     cfg = TrainConfig(data_dir=str(chats), out_dir=str(tmp_path / "r"), block_size=32, batch_size=4, max_steps=4,
                       progress=False)
@@ -185,7 +207,7 @@ def test_resume_with_another_rank_is_refused(tmp_path, base_dir, chats):
 
 
 def test_cli_finetune_sft_lora_and_bad_input(tmp_path, monkeypatch, capsys, base_dir, chats):
-    from trainkit import run_cli
+    from conftest import run_cli
 
     out = tmp_path / "cli"
     code, stdout, err = run_cli(monkeypatch, capsys, "finetune", "--task", "sft", "--model", base_dir,

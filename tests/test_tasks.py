@@ -4,16 +4,14 @@ import json
 import numpy as np
 import pytest
 
-from encoderkit import intent_data, one_thread, run_cli, slot_data, tiny_encoder_dir, write_jsonl  # noqa: F401
+from conftest import intent_data, run_cli, slot_data, tiny_encoder_dir, write_jsonl
 from llmkit.errors import LlmkitError
-from llmkit.metrics import accuracy, bio_spans, entity_scores, macro_f1
-from llmkit.tasks import FinetuneConfig, finetune, read_examples
+from llmkit.eval.metrics import accuracy, bio_spans, entity_scores, macro_f1
+from llmkit.train.tasks import FinetuneConfig, finetune, read_examples
 
 # Stated targets on the held-out split of the synthetic data (a tiny encoder from scratch, a few epochs)
 CLASSIFY_MIN_ACCURACY = 0.90
 TAG_MIN_ENTITY_F1 = 0.85
-
-
 
 
 # ---- metrics ------------------------------------------------------------------------------------

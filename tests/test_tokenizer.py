@@ -2,7 +2,6 @@
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,8 +10,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import CHAT_TOKENS, DEFAULT_SPECIALS, Tokenizer
+from conftest import shared_file
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare.txt"
 WORDS = ("the king said that we shall not go to war tomorrow , and the queen "
          "laughed ; über café naïve 東京 data 42 1999 :) don't it's").split()
 HYPO = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -79,9 +78,8 @@ def test_char_ids_are_compact_sorted_characters(char):
     assert char.encode("the") == [char.token_to_id(c) for c in "the"]
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared tinyshakespeare.txt missing")
 def test_char_on_tinyshakespeare_matches_nanogpt_ids():
-    text = SHAKESPEARE.read_text(encoding="utf-8")
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
     tok = Tokenizer.train_char([text[i:i + 50_000] for i in range(0, len(text), 50_000)])
     # nanoGPT's shakespeare_char: 65 characters, "First Citizen" = 18 47 56 57 58 1 15 ...
     assert tok.token_to_id("<|bos|>") == 65

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import make_data_dir, read_metrics, run_cli, tiny_config, train_losses
+from conftest import make_data_dir, read_metrics, run_cli, tiny_config, train_losses
 
-from llmkit import train_state
-from llmkit.checkpoint import load_checkpoint
-from llmkit.config import preset
+from llmkit.train import state as train_state
+from llmkit.io.checkpoint import load_checkpoint
+from llmkit.model.config import preset
 from llmkit.errors import LlmkitError
 from llmkit.model.decoder import GPT
-from llmkit.optim import build_adamw, lr_at, param_groups
-from llmkit.perf import measure_peak_flops, mfu
-from llmkit.train import Trainer, load_train_config
+from llmkit.train.optim import build_adamw, lr_at, param_groups
+from llmkit.train.perf import measure_peak_flops, mfu
+from llmkit.train.trainer import Trainer, load_train_config
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(data_dir, tmp_path, monke
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    for target in ("torch.save", "llmkit.checkpoint.save_file"):
+    for target in ("torch.save", "llmkit.io.checkpoint.save_file"):
         with monkeypatch.context() as m:
             m.setattr(target, boom)
             with pytest.raises(OSError, match="disk full"):

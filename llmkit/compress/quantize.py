@@ -151,7 +151,7 @@ def save_quantized(out_dir, model, tokenizer, weights: dict[str, QuantWeight], e
     """An llmkit directory holding the blocks (see the module docstring), each file written atomically."""
     from safetensors.torch import save_file
 
-    from llmkit.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+    from llmkit.io.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
     from llmkit.utils import atomic_open, atomic_path
 
     out_dir = Path(out_dir)
@@ -201,9 +201,9 @@ def _mapped_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_quantized(path, meta: dict, expand: bool = False):
     """(model, tokenizer) from an `llmkit quantize` directory; `expand` gives a float32 model instead."""
-    from llmkit.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE
-    from llmkit.config import ModelConfig
-    from llmkit.interop import build_model
+    from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE
+    from llmkit.model.config import ModelConfig
+    from llmkit.io.common import build_model
     from llmkit.tokenizer import Tokenizer
 
     path = Path(path)
@@ -238,8 +238,8 @@ def quantize_command(src, out, fmt: str, method: str, text, eval_text=None, cali
                      eval_tokens: int = 4096, window: int = 512) -> dict:
     """`llmkit quantize`: quantize `src`, save it to `out`, and measure perplexity before and after on
     held-out tokens: `eval_text`, or else the last 10% of `text`, whose first 90% calibrates gptq."""
-    from llmkit.evaluate import perplexity
-    from llmkit.models import resolve_model
+    from llmkit.eval.lm import perplexity
+    from llmkit.io.resolve import resolve_model
 
     if fmt not in FORMATS:
         raise LlmkitError(f"unsupported quantization format {fmt!r} (supported: {', '.join(FORMATS)})")

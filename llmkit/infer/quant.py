@@ -45,7 +45,7 @@ _state: dict = {}
 def available() -> bool:
     """Whether the quantized kernels are loaded, building them on the first call if need be."""
     if "loaded" not in _state:
-        from llmkit import kernels
+        from llmkit.infer import kernels
 
         _state["loaded"] = False
         compiler = kernels._compiler()

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType
 
 from llmkit.errors import LlmkitError
 from llmkit.infer.quant import FORMATS, QuantWeight, build_quantized_model
-from llmkit.interop.gguf import GGUFFile, config_from_gguf, gguf_tokenizer, unpermute_rope
+from llmkit.io.gguf import GGUFFile, config_from_gguf, gguf_tokenizer, unpermute_rope
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _FORMAT_OF_TYPE = {code: name for name, code in FORMATS.items()}

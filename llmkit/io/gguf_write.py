@@ -4,7 +4,7 @@
 
 Llama-style decoders (RMSNorm, SwiGLU, RoPE, no biases besides q/k/v) with byte-level BPE vocabularies.
 The layout is llama.cpp's: separate q/k/v and gate/up tensors, q/k rows in its interleaved RoPE
-order (the inverse of llmkit.interop.gguf.unpermute_rope). Linear weights of a model that is already
+order (the inverse of llmkit.io.gguf.unpermute_rope). Linear weights of a model that is already
 quantized are written as their blocks, byte for byte (a GGUF -> llmkit -> GGUF round trip keeps every
 block); float models are rounded by gguf's quantizer (round to nearest). The token embedding is
 written as q8_0 for the 4-bit types, as llama.cpp's own Q4 files do.

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.layers import (CausalSelfAttention, KVCache, Linear, RotaryEmbedding, SinusoidalPositions,
                                  half_matmuls_in_float32, make_mlp, make_norm)

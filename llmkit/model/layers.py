@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from llmkit import kernels
-from llmkit.config import ModelConfig
+from llmkit.infer import kernels
+from llmkit.model.config import ModelConfig
 
 
 class Linear(nn.Linear):

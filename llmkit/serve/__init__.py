@@ -41,7 +41,7 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
             raise LlmkitError(f"--model {model} is already an embedding model; drop --embedding-model")
         model, embedding_model = None, model
     if model is not None:
-        from llmkit.models import resolve_model
+        from llmkit.io.resolve import resolve_model
 
         net, tokenizer = resolve_model(model, dtype=dtype)
         engine = Engine(net, tokenizer, max_batch=max_batch, max_queue=max_queue, context=context,

@@ -1,12 +1,12 @@
-"""/v1/embeddings: llmkit's encoders (llmkit.encoders, llmkit.embed) behind a thread-safe callable."""
+"""/v1/embeddings: llmkit's encoders (llmkit.io.encoders, llmkit.infer.embed) behind a thread-safe callable."""
 from __future__ import annotations
 
 import threading
 
 import numpy as np
 
-from llmkit.embed import embed_texts
-from llmkit.encoders import is_encoder, load_encoder, tokenize
+from llmkit.infer.embed import embed_texts
+from llmkit.io.encoders import is_encoder, load_encoder, tokenize
 
 __all__ = ["Embedder", "is_encoder", "load_embedder"]
 

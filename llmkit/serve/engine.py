@@ -4,7 +4,7 @@ One thread owns the model. Between two decode steps it drops sequences whose cli
 left or whose time ran out, admits waiting ones into free batch rows (prefill.py computes
 their prompts' keys/values, batch_cache.py places them beside the running rows), then
 advances every active row by one token in a single forward pass. Sampling and text
-(stop strings, stop tokens, incremental detokenization) are llmkit.generate's.
+(stop strings, stop tokens, incremental detokenization) are llmkit.infer.generate's.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.generate import Completion, sample_next
+from llmkit.infer.generate import Completion, sample_next
 from llmkit.serve.batch_cache import BatchCache
 from llmkit.serve.prefill import Prefiller
 
@@ -84,7 +84,7 @@ class Job:
 class Sequence:
     def __init__(self, job: Job, index: int, prompt: list[int], params: SamplingParams, tokenizer, stop_ids):
         self.job, self.index, self.prompt, self.params = job, index, prompt, params
-        # text, stop strings and stop tokens, as llmkit.generate handles them
+        # text, stop strings and stop tokens, as llmkit.infer.generate handles them
         self.completion = Completion(tokenizer, prompt, params.stop, () if params.ignore_eos else stop_ids)
         # a seeded request draws from its own generator, so other requests cannot change its tokens
         self.generator = None

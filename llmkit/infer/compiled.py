@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkit import kernels
+from llmkit.infer import kernels
 from llmkit.errors import LlmkitError
 from llmkit.model.layers import apply_rotary, half_matmuls_in_float32
 
@@ -51,7 +51,7 @@ def decode_layout(model):
     BLAS decodes batch-1 steps; returns `model`.
 
     A one-token decode step is a matrix-vector product per weight, bound by reading the weights.
-    llmkit's own kernel (llmkit.kernels) wants them row-major, as they are; without it, BLAS streams an
+    llmkit's own kernel (llmkit.infer.kernels) wants them row-major, as they are; without it, BLAS streams an
     fp32 (out, in) matrix about 1.8x faster laid out as its transpose (SmolLM2-135M, 2 cores: 17 GB/s
     instead of 10), while CPU bf16 products are ~15x slower transposed. Batched decoding (the server's
     16 rows) is slower with it, so only batch-1 paths (generate, chat) use it. A no-op off the CPU;

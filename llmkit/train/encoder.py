@@ -18,18 +18,18 @@ from pathlib import Path
 
 import torch
 
-from llmkit.encoders import load_encoder, mask_token_id, pad_batch, read_lines, special_token_ids, tokenize
+from llmkit.io.encoders import load_encoder, mask_token_id, pad_batch, read_lines, special_token_ids, tokenize
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import ENCODER_PRESETS, Encoder, EncoderConfig, encoder_preset
-from llmkit.objectives import ENCODER_OBJECTIVES, contrastive_objective, mask_tokens
-from llmkit.train import Trainer, TrainConfig
+from llmkit.train.losses import ENCODER_OBJECTIVES, contrastive_objective, mask_tokens
+from llmkit.train.trainer import Trainer, TrainConfig
 
 DEFAULT_ENCODER_PRESET = "bert-tiny"
 CONTRASTIVE_VAL_FRACTION = 0.05
 
 
 class MaskedWindowSampler:
-    """Random token windows (llmkit.data.RandomWindowSampler), BERT-masked: (inputs, labels).
+    """Random token windows (llmkit.data.corpus.RandomWindowSampler), BERT-masked: (inputs, labels).
 
     Like the windows, the masks are drawn for the whole global batch from a generator seeded alike on
     every rank, and each rank keeps its rows: N ranks train on exactly what one process would."""

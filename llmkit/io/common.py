@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
 
 

@@ -163,7 +163,7 @@ def pack(examples: list[tuple[list[int], list[int]]], row_tokens: int) -> list[t
 class SFTSampler:
     """Endless, reshuffled-every-epoch batches of SFT examples for one rank, resumable exactly.
 
-    Mirrors llmkit.data.RandomWindowSampler: next_batch() -> (x, y), state_dict(), load_state_dict().
+    Mirrors llmkit.data.corpus.RandomWindowSampler: next_batch() -> (x, y), state_dict(), load_state_dict().
     Each rank takes its own batch_size // world_size rows of every global batch.
     """
 

@@ -1,4 +1,4 @@
-"""Multi-turn chat over `llmkit.generate.stream`, rendered with the model's own chat template.
+"""Multi-turn chat over `llmkit.infer.generate.stream`, rendered with the model's own chat template.
 
 `ChatSession` keeps the message history and turns each user message into a streamed reply;
 generation ends on the model's end-of-turn token (the tokenizer's stop ids). `chat_loop` is the
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 
 from llmkit.errors import LlmkitError
-from llmkit.generate import SamplingParams, stream
+from llmkit.infer.generate import SamplingParams, stream
 
 # SmolLM2's model card samples at temperature 0.2, top-p 0.9; small models ramble when hotter.
 DEFAULT_CHAT_PARAMS = dict(max_new_tokens=256, temperature=0.2, top_p=0.9)
@@ -119,8 +119,8 @@ def ask(question: str, model="smollm2-135m-instruct", tokenizer=None, system: st
     Sampling keywords are SamplingParams fields; by default the answer is greedy (reproducible).
     """
     if tokenizer is None:
-        from llmkit.fast import decode_layout
-        from llmkit.models import resolve_model
+        from llmkit.infer.compiled import decode_layout
+        from llmkit.io.resolve import resolve_model
         model, tokenizer = resolve_model(model)
         decode_layout(model)
     params = SamplingParams(**{"max_new_tokens": 256, "temperature": 0.0, **sampling})

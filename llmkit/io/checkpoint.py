@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.utils import atomic_open, atomic_path, read_json
 

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llmkit import distributed, train_state
-from llmkit.config import ModelConfig, preset
+from llmkit.train import distributed
+from llmkit.train import state as train_state
+from llmkit.model.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
-from llmkit.objectives import contrastive_objective, masked_lm_objective
-from llmkit.optim import build_adamw, lr_at, set_lr
-from llmkit.perf import measure_peak_flops, mfu
-from llmkit.train_config import TrainConfig, load_train_config
+from llmkit.train.losses import contrastive_objective, masked_lm_objective
+from llmkit.train.optim import build_adamw, lr_at, set_lr
+from llmkit.train.perf import measure_peak_flops, mfu
+from llmkit.train.config import TrainConfig, load_train_config
 from llmkit.utils import atomic_open
 
 __all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "load_train_config"]
@@ -46,7 +47,7 @@ def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 # objective name -> loss(model, x, y). Other objectives (masked LM, contrastive) register here.
 OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "causal": causal_lm_loss,
-    # encoder objectives: run by llmkit.encoder_train.EncoderTrainer, which supplies their batches
+    # encoder objectives: run by llmkit.train.encoder.EncoderTrainer, which supplies their batches
     "mlm": masked_lm_objective,
     "contrastive": contrastive_objective,
 }
@@ -104,7 +105,7 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------------
     def _load_data(self) -> None:
-        from llmkit.data import load_meta, load_split
+        from llmkit.data.corpus import load_meta, load_split
 
         if not self.data_dir.is_dir():
             raise LlmkitError(f"data dir {self.data_dir} does not exist (create it with `llmkit prepare`)")
@@ -140,7 +141,7 @@ class Trainer:
         return GPT(self.model_config)
 
     def _sampler(self, tokens, seed: int):
-        from llmkit.data import RandomWindowSampler
+        from llmkit.data.corpus import RandomWindowSampler
 
         # The sampler takes the per-rank batch and slices one global batch drawn identically on every rank.
         return RandomWindowSampler(tokens, self.config.block_size, self.config.batch_size // self.dist.world_size,

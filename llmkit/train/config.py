@@ -14,17 +14,17 @@ from pathlib import Path
 
 import yaml
 
-from llmkit.config import PRESETS, ModelConfig
+from llmkit.model.config import PRESETS, ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import ENCODER_PRESETS, EncoderConfig
-from llmkit.objectives import ENCODER_OBJECTIVES
+from llmkit.train.losses import ENCODER_OBJECTIVES
 
 
 @dataclass
 class TrainConfig:
     data_dir: str = "data"             # output of `llmkit prepare`: train.bin, val.bin, meta.json, tokenizer.json
     out_dir: str = "runs/train"        # model dir (config.json, model.safetensors, tokenizer.json) + train_state.pt
-    preset: str = "char-tiny"          # llmkit.config.PRESETS name
+    preset: str = "char-tiny"          # llmkit.model.config.PRESETS name
     model: dict = field(default_factory=dict)  # ModelConfig overrides on top of the preset
     batch_size: int = 12               # sequences per micro-step, summed over all ranks
     block_size: int = 64               # training context length
@@ -47,7 +47,7 @@ class TrainConfig:
     ckpt_interval: int = 1000          # 0: checkpoint only at the end
     seed: int = 1337
     tensorboard: bool = False
-    objective: str = "causal"          # key of llmkit.train.OBJECTIVES
+    objective: str = "causal"          # key of llmkit.train.trainer.OBJECTIVES
     peak_flops: float | None = None    # FLOP/s for MFU; None measures a matmul once per process
     threads: int | None = None         # torch.set_num_threads on CPU; None keeps torch's default
     progress: bool = True              # tqdm bar on stderr (rank 0 only)

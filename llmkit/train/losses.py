@@ -1,6 +1,6 @@
 """Training objectives: the losses, and the batch transforms some of them need.
 
-Each `*_objective(model, x, y) -> loss` has the signature of `llmkit.train.OBJECTIVES`, so the
+Each `*_objective(model, x, y) -> loss` has the signature of `llmkit.train.trainer.OBJECTIVES`, so the
 Trainer runs it like the causal-LM loss. Sections:
   masked LM      BERT's 15% selection with 80/10/10 replacement; cross-entropy on selected tokens
   contrastive    InfoNCE over in-batch negatives (SimCSE: dropout views or supervised pairs)

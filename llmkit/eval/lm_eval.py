@@ -8,9 +8,9 @@ registers this class under the name `llmkit` as soon as lm-eval loads its models
 `lm_eval` command finds it. From Python, importing this module registers it too, before
 `lm_eval.simple_evaluate(model="llmkit", ...)`.
 
-`path` is anything `llmkit.models.resolve_model` loads: an llmkit or Hugging Face directory, a
-.gguf file or a short name such as smollm2-135m-instruct. Scoring reuses llmkit.evaluate
-(batched log-likelihood, rolling perplexity windows) and generation uses llmkit.generate.
+`path` is anything `llmkit.io.resolve.resolve_model` loads: an llmkit or Hugging Face directory, a
+.gguf file or a short name such as smollm2-135m-instruct. Scoring reuses llmkit.eval.lm
+(batched log-likelihood, rolling perplexity windows) and generation uses llmkit.infer.generate.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class LlmkitLM(TemplateLM):
         super().__init__()
         import torch
 
-        from llmkit.models import resolve_model
+        from llmkit.io.resolve import resolve_model
 
         device = device or "auto"
         # lm-eval defaults to --device cuda; like its own HF backend, fall back to the CPU without one
@@ -65,7 +65,7 @@ class LlmkitLM(TemplateLM):
         return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        from llmkit.evaluate import loglikelihood
+        from llmkit.eval.lm import loglikelihood
 
         results = loglikelihood(self.model, [(ctx, cont) for _, ctx, cont in requests], batch_size=self.batch_size)
         for (key, _, _), result in zip(requests, results):
@@ -74,7 +74,7 @@ class LlmkitLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each whole text, every token scored once (EOT as first context)."""
-        from llmkit.evaluate import perplexity
+        from llmkit.eval.lm import perplexity
 
         out = []
         for request in requests:
@@ -91,7 +91,7 @@ class LlmkitLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, if the task asks) completions, cut at the task's `until` strings."""
-        from llmkit.generate import SamplingParams, generate
+        from llmkit.infer.generate import SamplingParams, generate
 
         out = []
         for request in requests:

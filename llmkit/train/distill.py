@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
-from llmkit.train import Trainer
+from llmkit.train.trainer import Trainer
 
 IGNORE = -100
 
@@ -210,9 +210,9 @@ def run_distill(teacher: str, student: str, data_dir, out_dir, overrides=(), tem
                 alpha: float = 0.5, top_k: int | None = None, max_steps: int | None = None,
                 resume: bool = False) -> dict:
     """`llmkit distill`: the student is a preset name (trained from scratch) or a model to start from."""
-    from llmkit.config import PRESETS
-    from llmkit.models import resolve_model
-    from llmkit.train_config import load_train_config
+    from llmkit.model.config import PRESETS
+    from llmkit.io.resolve import resolve_model
+    from llmkit.train.config import load_train_config
 
     is_preset = student in PRESETS
     config = load_train_config(None, overrides, data_dir=str(data_dir), out_dir=str(out_dir),

@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.interop import build_model, fuse_llama_layer, split_llama_layer
+from llmkit.io.common import build_model, fuse_llama_layer, split_llama_layer
 from llmkit.utils import atomic_open, atomic_path, read_json
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")

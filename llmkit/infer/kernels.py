@@ -1,6 +1,6 @@
 """CPU kernels for batch-1 decoding (kernels.cpp), compiled on first use and cached on disk.
 
-    from llmkit import kernels
+    from llmkit.infer import kernels
     if kernels.available():
         y = kernels.matvec(x, weight, bias)              # one row: weight @ x + bias
         o = kernels.decode_attention(q, k, v)            # one query per row over the cached keys

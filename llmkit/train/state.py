@@ -1,7 +1,7 @@
 """Saving and restoring everything a training run needs to continue exactly.
 
 A checkpoint is the model directory (config.json, model.safetensors,
-tokenizer.json; see llmkit.checkpoint) plus `train_state.pt` beside it:
+tokenizer.json; see llmkit.io.checkpoint) plus `train_state.pt` beside it:
 optimizer, grad scaler, data-sampler position, every RNG state, step counter.
 
 All files are first written completely into a staging directory inside
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
+from llmkit.io.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.utils import atomic_path
 

@@ -141,7 +141,7 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
     """Perplexity of a saved model on a text file or a prepared data split (what `llmkit eval` runs)."""
     from pathlib import Path
 
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.io.checkpoint import load_checkpoint
 
     if (text_file is None) == (data_dir is None):
         raise LlmkitError("give exactly one of --text FILE or --data DIR")
@@ -156,7 +156,7 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
         tokens = _as_tokens(text, tokenizer)
         source = str(text_file)
     else:
-        from llmkit.data import load_split
+        from llmkit.data.corpus import load_split
 
         if not Path(data_dir).is_dir():
             raise LlmkitError(f"data dir {data_dir} does not exist")
@@ -287,9 +287,9 @@ def text_metrics(predictions: list[str], references: list[list[str]]) -> dict:
 
 def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, batch_size: int = 8,
                chat: bool = False, stop=None) -> dict:
-    """Greedy completions (llmkit.generate) scored against the references by `text_metrics`.
+    """Greedy completions (llmkit.infer.generate) scored against the references by `text_metrics`.
     `stop` defaults to a newline for plain prompts; chat replies end at the end-of-turn token."""
-    from llmkit.generate import SamplingParams, generate
+    from llmkit.infer.generate import SamplingParams, generate
 
     stop = tuple(stop) if stop is not None else (() if chat else ("\n",))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
@@ -329,7 +329,7 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
     loads (what `llmkit eval --mc/--gen` runs). Inputs are all read and checked before scoring."""
     from pathlib import Path
 
-    from llmkit.models import resolve_model
+    from llmkit.io.resolve import resolve_model
 
     if not (text_file or mc_file or gen_file):
         raise LlmkitError("nothing to evaluate: give --text, --mc and/or --gen")

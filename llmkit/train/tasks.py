@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from llmkit.encoders import length_sorted_batches, load_encoder, pad_batch, read_lines, save_encoder, tokenize
+from llmkit.io.encoders import length_sorted_batches, load_encoder, pad_batch, read_lines, save_encoder, tokenize
 from llmkit.errors import LlmkitError
-from llmkit.metrics import accuracy, entity_scores, macro_f1
+from llmkit.eval.metrics import accuracy, entity_scores, macro_f1
 from llmkit.model.encoder import Encoder, with_head
 from llmkit.tokenizer import Tokenizer
 
@@ -221,7 +221,7 @@ def _batch(features, idx, pad_id: int, task: str):
 def finetune(base: str, train_path, out_dir, task: str, val_path=None, config: FinetuneConfig | None = None,
              log=print) -> dict:
     """Fine-tune encoder `base` (name or dir) on `train_path`; save to `out_dir`; return the val metrics."""
-    from llmkit.optim import build_adamw, set_lr
+    from llmkit.train.optim import build_adamw, set_lr
 
     _check_task(task)
     cfg = config or FinetuneConfig()

@@ -2,7 +2,7 @@
 
 The standard Trainer (accumulation, AMP, clipping, cosine LR, checkpoints, exact resume, DDP)
 with three things swapped: the model comes from `resolve_model` instead of a preset, batches
-come from chat JSONL (`llmkit.sft`) instead of a token file, and with LoRA only the adapters
+come from chat JSONL (`llmkit.data.chats`) instead of a token file, and with LoRA only the adapters
 are trained and checkpointed.
 
 out_dir after training:
@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmkit import distributed, train_state
+from llmkit.train import distributed
+from llmkit.train import state as train_state
 from llmkit.errors import LlmkitError
-from llmkit.lora import (LoRAConfig, apply_lora, count_parameters, load_adapter_weights, merge_lora,
+from llmkit.model.lora import (LoRAConfig, apply_lora, count_parameters, load_adapter_weights, merge_lora,
                          read_adapter_config, save_adapter)
-from llmkit.sft import SFTData, SFTSampler, describe, encode_chats, eval_batches, read_chats
-from llmkit.train import Trainer
+from llmkit.data.chats import SFTData, SFTSampler, describe, encode_chats, eval_batches, read_chats
+from llmkit.train.trainer import Trainer
 from llmkit.utils import atomic_path
 
 
@@ -58,7 +59,7 @@ class SFTTrainer(Trainer):
 
     # ---- data and model ------------------------------------------------------------------------
     def _load_data(self) -> None:
-        from llmkit.models import resolve_model
+        from llmkit.io.resolve import resolve_model
 
         cfg = self.config
         if not self.data_dir.is_file():
@@ -175,7 +176,7 @@ class SFTTrainer(Trainer):
 
     def write_merged(self, out_dir) -> Path:
         """Save base + adapters folded together as a plain model directory (the adapters stay in place)."""
-        from llmkit.checkpoint import save_checkpoint
+        from llmkit.io.checkpoint import save_checkpoint
 
         merged = merge_lora(copy.deepcopy(self.raw_model))
         return save_checkpoint(out_dir, merged, self.tokenizer,
@@ -188,7 +189,7 @@ def run_sft(model: str, data, out, val=None, epochs: int = 3, lr: float = 5e-5, 
             settings=(), log=print) -> dict:
     """`llmkit finetune --task sft`: steps default to `epochs` passes over the training conversations,
     with a short warmup and cosine decay to lr/10 over the run; `settings` are TrainConfig KEY=VALUEs."""
-    from llmkit.train_config import load_train_config
+    from llmkit.train.config import load_train_config
 
     config = load_train_config(None, settings, data_dir=str(data), out_dir=str(out), lr=lr, min_lr=lr / 10,
                                batch_size=batch_size, block_size=block_size, seed=seed, device=device,

@@ -20,9 +20,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
-from llmkit.config import ModelConfig
+from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.interop import build_model, fuse_llama_layer
+from llmkit.io.common import build_model, fuse_llama_layer
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from llmkit.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
+from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder, EncoderConfig
 from llmkit.tokenizer import Tokenizer
@@ -48,7 +48,7 @@ def resolve_encoder_path(name_or_path) -> Path:
 
 def is_encoder(name_or_path) -> bool:
     """True for a short encoder name, an llmkit encoder dir or a HF BERT-family dir (no loading)."""
-    from llmkit.interop.bert import SUPPORTED_TYPES
+    from llmkit.io.bert import SUPPORTED_TYPES
 
     if str(name_or_path) in EMBEDDED_ENCODERS:
         return True
@@ -76,7 +76,7 @@ def _pad_token(hf, config: EncoderConfig):
 
 def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
     """(model, tokenizer) for a short name, an llmkit encoder dir or a HF BERT-family dir; eval mode."""
-    from llmkit.interop.bert import is_hf_encoder_dir, load_hf_encoder
+    from llmkit.io.bert import is_hf_encoder_dir, load_hf_encoder
 
     path = resolve_encoder_path(name_or_path)
     if is_hf_encoder_dir(path):
