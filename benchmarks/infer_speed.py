@@ -234,6 +234,18 @@ def measure(prefill, decode, repeats):
     return best["prefill"], best["decode"], tokens, warmup
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss across fork + exec, so a child would report its parent's peak (1.5 GB here) as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args) -> None:
     """One (engine, dtype) row; prints one JSON line."""
     from llmkit.tokenizer import Tokenizer
@@ -263,7 +275,7 @@ def child(args) -> None:
     print(json.dumps({"engine": args.engine, "dtype": args.dtype, "prompt": len(ids),
                       "prefill_tok_s": len(ids) / prefill[0], "decode_tok_s": n_new / decode[0],
                       "decode_cpu_tok_s": n_new / decode[1],
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "peak_rss_mb": peak_rss_mb(),
                       "warmup_s": warmup, "load_s": load, "tokens": tokens}))
 
 
