@@ -50,12 +50,20 @@ class _Blocks:
         return torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.offset).view(
             self._shape(name))
 
-    def read(self, name: str) -> torch.Tensor:
-        info = self.g.tensors[name]
-        out = torch.empty(self._shape(name), dtype=torch.uint8)
-        self._file.seek(info.offset)
-        if self._file.readinto(memoryview(out.numpy()).cast("B")) != info.nbytes:
-            raise LlmkitError(f"{self.g.path}: tensor {name} is truncated")
+    def read_rows(self, names: list[str], heads: dict[str, int]) -> torch.Tensor:
+        """The tensors `names` stacked by rows, read straight into one new tensor (no second copy);
+        the q/k ones (in `heads`) put back in rotate-half row order."""
+        shapes = [self._shape(n) for n in names]
+        out = torch.empty(sum(rows for rows, _ in shapes), shapes[0][1], dtype=torch.uint8)
+        start = 0
+        for name, (rows, _) in zip(names, shapes):
+            part = out[start:start + rows]
+            self._file.seek(self.g.tensors[name].offset)
+            if self._file.readinto(memoryview(part.numpy()).cast("B")) != part.numel():
+                raise LlmkitError(f"{self.g.path}: tensor {name} is truncated")
+            if name in heads:
+                part.copy_(unpermute_rope(part, heads[name]))
+            start += rows
         return out
 
 
@@ -76,8 +84,9 @@ def _layer_weights(blocks: _Blocks, i: int, config, state: dict, weights: dict) 
         if len(parts) == 1:
             weights[target] = QuantWeight(formats.pop(), blocks.mapped(parts[0]))
             continue
-        rows = [unpermute_rope(blocks.read(t), heads[t]) if t in heads else blocks.read(t) for t in parts]
-        weights[target] = QuantWeight(formats.pop(), torch.cat(rows))
+        if len({blocks._shape(t)[1] for t in parts}) > 1:
+            raise LlmkitError(f"{g.path}: the tensors of {target} have rows of different lengths")
+        weights[target] = QuantWeight(formats.pop(), blocks.read_rows(parts, heads))
     if p + "attn_q.bias" in g.tensors:
         q, k, v = (g.tensor(p + f"attn_{x}.bias") for x in "qkv")
         state[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
