@@ -14,9 +14,11 @@ import time
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from llmkit.errors import LlmkitError
+from llmkit.infer.generate import SamplingParams
 from llmkit.serve import schemas as S
-from llmkit.serve.engine import QueueFull, SamplingParams
+from llmkit.serve.engine import QueueFull
 
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
 FAILURES = {"timeout": (408, "timeout_error", "request_timeout"), "error": (500, "server_error", None)}
 
 
@@ -94,8 +96,12 @@ class Streamer:
             raise _bad(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds this model's context "
                        f"of {context} tokens", "context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=tuple(s for s in stop if s), seed=body.seed, ignore_eos=body.ignore_eos)
+        # top_p = 0 keeps only the most likely token, and a temperature too small for logits / temperature
+        # to stay finite is the greedy limit too
+        greedy = body.top_p <= 0 or body.temperature < MIN_TEMPERATURE
+        return SamplingParams(max_new_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
+                              top_p=None if greedy else body.top_p, stop=tuple(s for s in stop if s),
+                              seed=body.seed, ignore_eos=body.ignore_eos)
 
     async def respond(self, request, body, prompts: list[list[int]], chat: bool):
         params = self._params(body, prompts, chat)
