@@ -179,6 +179,9 @@ CASES = {
         ("prune {model} --out {text}", "is a file, not a directory"),
         ("prune {model} --out pruned --sparsity 1.5", "--sparsity must be a number in [0, 1)"),
     ],
+    "quantize": [
+        ("quantize {model} --to q8_0 --out {text} --text {text}", "is a file, not a directory"),
+    ],
     "demo": [
         ("demo --out {text}", "is a file, not a directory"),
         ("demo --max-steps 0", "--max-steps must be an integer >= 1"),

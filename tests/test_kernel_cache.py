@@ -14,7 +14,7 @@ from llmkit.infer import kernels
 def cache(tmp_path, monkeypatch):
     builds = tmp_path / "builds.log"
 
-    def fake_command(compiler, output):
+    def fake_command(compiler, output, *args):
         return ["sh", "-c", f'echo library > "{output}"; echo x >> "{builds}"']
 
     monkeypatch.setenv("LLMKIT_CACHE", str(tmp_path / "cache"))

@@ -57,6 +57,8 @@ class SamplingFields(Strict):
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     user: str | None = None
     ignore_eos: bool = Field(False, description="extension (as vLLM): generate max_tokens even past end-of-text")
+    num_beams: int = Field(1, ge=1, le=16, description="extension: beam search with this many beams (deterministic, "
+                                                      "not streamed); `n` <= num_beams returns the n best")
 
 
 class CompletionRequest(SamplingFields):

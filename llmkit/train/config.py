@@ -17,6 +17,7 @@ import yaml
 from llmkit.model.config import PRESETS, ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import ENCODER_PRESETS, EncoderConfig
+from llmkit.model.seq2seq import SEQ2SEQ_PRESETS, Seq2SeqConfig
 from llmkit.train.losses import ENCODER_OBJECTIVES
 from llmkit.utils import TYPE_NAMES, check_device, check_field_types, check_range
 
@@ -35,6 +36,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int | None = None    # None: max_steps // 20 (100 for the default 2000 steps)
     lr_decay_steps: int | None = None  # cosine reaches min_lr here and stays there; None: max_steps
+    lr_schedule: str = "cosine"        # cosine | inverse_sqrt (Vaswani et al.: warmup, then lr * sqrt(warmup / step))
+    label_smoothing: float = 0.0       # seq2seq: the paper uses 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -66,8 +69,10 @@ class TrainConfig:
             self.lr_decay_steps = self.max_steps
         checks = [
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} (float32, bfloat16, float16)"),
-            (self.preset in PRESETS or self.preset in ENCODER_PRESETS,
-             f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS])}"),
+            (self.preset in PRESETS or self.preset in ENCODER_PRESETS or self.preset in SEQ2SEQ_PRESETS,
+             f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS, *SEQ2SEQ_PRESETS])}"),
+            (self.lr_schedule in ("cosine", "inverse_sqrt"), f"lr_schedule {self.lr_schedule!r} (cosine, inverse_sqrt)"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (min(self.batch_size, self.block_size, self.grad_accum) > 0,
              "batch_size, block_size and grad_accum must be positive"),
             (self.max_steps >= 0 and self.warmup_steps >= 0, "max_steps and warmup_steps must be >= 0"),
@@ -81,6 +86,8 @@ class TrainConfig:
                 raise LlmkitError(f"bad training config: {what}")
         self._check_ranges()
         model_class = EncoderConfig if self.objective in ENCODER_OBJECTIVES else ModelConfig
+        if self.objective == "seq2seq":
+            model_class = Seq2SeqConfig
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(model_class)})
         if unknown:
             raise LlmkitError(f"unknown model config keys: {', '.join(unknown)}")
@@ -152,7 +159,8 @@ def _coerce(name: str, value, hint):
 
 def _set(values: dict, model: dict, key: str, value) -> None:
     # the objective may come later: accept keys of either model config; __post_init__ checks the right one
-    train_types, model_types = _field_types(TrainConfig), {**_field_types(EncoderConfig), **_field_types(ModelConfig)}
+    train_types = _field_types(TrainConfig)
+    model_types = {**_field_types(Seq2SeqConfig), **_field_types(EncoderConfig), **_field_types(ModelConfig)}
     if key.startswith("model."):
         sub = key[len("model."):]
         if sub not in model_types:
