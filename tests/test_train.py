@@ -135,14 +135,24 @@ def test_resume_rejects_other_config_and_bad_state(data_dir, tmp_path):
     good = state_file.read_bytes()
     for bad in (b"not a checkpoint", good[: len(good) // 2]):
         state_file.write_bytes(bad)
-        with pytest.raises(LlmkitError, match="corrupt training state"):
+        with pytest.raises(LlmkitError, match="corrupt training state") as error:
             Trainer(tiny_config(data_dir, out), resume=True)
+        assert "weights_only=False" not in str(error.value)  # never advise loading untrusted pickles
+    torch.save({"step": 2, "evil": __import__("argparse").Namespace()}, state_file)  # a class outside the allow-list
+    with pytest.raises(LlmkitError, match="holds objects other than tensors") as error:
+        Trainer(tiny_config(data_dir, out), resume=True)
+    assert "weights_only=False" not in str(error.value)
     # a state from another step than the weights (a crash between the final renames)
     state = torch.load(__import__("io").BytesIO(good), weights_only=True)
     state["step"] = 1
     torch.save(state, state_file)
     with pytest.raises(LlmkitError, match="from step 2 but"):
         Trainer(tiny_config(data_dir, out), resume=True)
+
+
+def trainer_tokenizer_ids(out, text):
+    from llmkit.tokenizer import Tokenizer
+    return Tokenizer.load(out).encode(text)
 
 
 def test_metrics_checkpoint_and_tensorboard(data_dir, tmp_path):
@@ -162,7 +172,12 @@ def test_metrics_checkpoint_and_tensorboard(data_dir, tmp_path):
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
     assert final["step"] == 6 and final["val_loss"] == evals[-1]["val_loss"]
     assert train[0]["loss"] > train[-1]["loss"]  # it learns
-    assert {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "train_state.pt"} <= {p.name for p in out.iterdir()}
+    # the tokenizer's specials travel with the model, so transformers reads it as llmkit does
+    from transformers import PreTrainedTokenizerFast
+    hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    assert hf_tokenizer("the king")["input_ids"] == trainer_tokenizer_ids(out, "the king")
     steps = sorted(p.name for p in (out / snapshots.CKPT_DIR).iterdir())
     assert steps == [snapshots.LATEST, "step-00000006"]  # the step-3 checkpoint was replaced, nothing left over
     assert list((out / "tensorboard").iterdir())

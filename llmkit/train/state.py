@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import pickle
 import random
-import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_weights, write_config
+from llmkit.io.checkpoint import WEIGHTS_FILE, load_weights, read_meta, save_weights, write_config
 from llmkit.errors import LlmkitError
 from llmkit.io import sharded, snapshots
+from llmkit.tokenizer import Tokenizer
 
 STATE_FILE = "train_state.pt"
 
@@ -63,7 +63,9 @@ def write(directory, model, state: dict, tokenizer_file=None, weights: bool = Tr
     write_config(directory, model, {**extra, **({} if weights else {"sharded": sharded.SHARDS})})
     snapshots.fault_point()
     if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
+        # through Tokenizer.save, so tokenizer_config.json (special tokens, chat template) comes along
+        # and transformers reads the trained model's tokenizer as llmkit does
+        Tokenizer.load(tokenizer_file).save(directory)
         snapshots.fault_point()
     torch.save(state, directory / STATE_FILE)
     snapshots.fault_point()
@@ -77,7 +79,13 @@ def read_state(path, weights_step) -> dict:
         raise LlmkitError(f"cannot resume: {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, which would run whatever code the file holds: not ours to give
+        what = ("holds objects other than tensors and plain containers" if "Unsupported global" in str(e)
+                else "is not a torch file of tensors and plain containers")
+        raise LlmkitError(f"cannot resume: corrupt training state {path}: it {what} "
+                          "(llmkit loads training states only with weights_only=True)") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise LlmkitError(f"cannot resume: corrupt training state {path}: {str(e).splitlines()[0]}") from None
     required = ("step", "tokens_seen", "optimizer", "sampler", "rng")
     if not isinstance(state, dict) or any(k not in state for k in required):
