@@ -222,10 +222,12 @@ def chat_cmd(
 @app.command("convert")
 def convert_cmd(
     src: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
-    dst: str = typer.Argument(..., help="output directory"),
-    to: str = typer.Option("llmkit", "--to", help="llmkit or hf"),
+    dst: str = typer.Argument(..., help="output directory (a .gguf file with --to gguf)"),
+    to: str = typer.Option("llmkit", "--to", help="llmkit, hf or gguf"),
+    gguf_type: str = typer.Option("f16", "--type", help="GGUF tensors: f32, f16, q8_0, q4_0 or q4_1"),
 ):
-    """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory."""
+    """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory,
+    or with --to gguf into a GGUF file that llama.cpp and transformers load."""
     from llmkit.io.encoders import is_encoder
     from llmkit.io.resolve import convert
 
@@ -235,7 +237,7 @@ def convert_cmd(
 
         print(f"wrote hf model to {save_hf_bert(*load_encoder(src), dst)}")
         return
-    out = convert(src, dst, to=to)
+    out = convert(src, dst, to=to, gguf_type=gguf_type)
     print(f"wrote {to} model to {out}")
 
 
@@ -485,6 +487,22 @@ def predict_cmd(
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
 
 
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
+    to: str = typer.Option(..., "--to", help="q8_0, q4_0 or q4_1"),
+    out: str = typer.Option(..., "--out", help="output directory (an llmkit model with quantized blocks)"),
+    text: str = typer.Option(..., "--text", help="text file: its first 90%% calibrates gptq, its last 10%% "
+                                                 "is the held-out perplexity text"),
+    method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) or gptq (calibrated)"),
+    eval_text: str = typer.Option(None, "--eval", help="held-out text for perplexity instead of --text's tail"),
+):
+    """Quantize a model's linear layers into 32-value blocks; prints perplexity before and after."""
+    from llmkit.compress.quantize import quantize_command
+
+    r = quantize_command(model, out, to, method, text, eval_text)
+    print(f"{r['format']} ({r['method']}): perplexity {r['perplexity_before']:.3f} -> {r['perplexity_after']:.3f} "
+          f"on {r['tokens']} held-out tokens; wrote {r['out']}")
 @app.command("dialog")
 def dialog_cmd(
     domain: str = typer.Argument(..., help="domain YAML: intents, slots, required slots, prompts, actions"),
