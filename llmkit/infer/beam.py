@@ -159,7 +159,9 @@ def decoder_step(model, cache):
     """The `step` of a decoder-only model: reorder its KV cache by the parents, feed one token per beam."""
 
     def step(parents, tokens):
-        cache.reorder(parents)
+        # the cache copies every layer on a reorder: skip it when each beam continues its own row
+        if len(parents) != cache.batch_size or not torch.equal(parents.cpu(), torch.arange(len(parents))):
+            cache.reorder(parents)
         return model(tokens[:, None], cache=cache, last_only=True)[0][:, -1]
 
     return step
