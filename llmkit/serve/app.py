@@ -25,6 +25,7 @@ from llmkit.serve import schemas as S
 from llmkit.serve.gate import Gate
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.openai_stream import ApiError, Streamer
+from llmkit.serve.origin import guard
 
 log = logging.getLogger("llmkit.serve")
 STATIC = Path(__file__).parent / "static"
@@ -47,9 +48,12 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedding_model: str | None = None,
-               api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int = 1 << 20, cors_origins: list[str] | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The ASGI app. `engine` (an Engine, started and stopped with the app) serves completions;
-    `embedder(texts) -> (float32 array (N, D), token count)` serves /v1/embeddings as `embedding_model`."""
+    `embedder(texts) -> (float32 array (N, D), token count)` serves /v1/embeddings as `embedding_model`.
+    `cors_origins` opens the API to those browser origins; `allowed_hosts` (None: any) are the only
+    Host names answered (origin.py)."""
     if engine is None and embedder is None:
         raise LlmkitError("nothing to serve: give a decoder model, an embedding model, or both")
     metrics = Metrics(engine)
@@ -90,7 +94,10 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
         return _error(500, "internal server error", "server_error", None)
 
     def card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": started, "owned_by": "llmkit"}
+        out = {"id": name, "object": "model", "created": started, "owned_by": "llmkit"}
+        if engine is not None and name == model_name:
+            out["context_length"] = engine.context  # prompt + completion tokens one request may use
+        return out
 
     def check_model(name: str, wanted: str | None, purpose: str) -> None:
         if name not in models:
@@ -174,4 +181,5 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
     app.openapi = openapi
     # Outermost but for Starlette's error middleware: refused requests cost no parsing, all are counted.
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    guard(app, cors_origins=cors_origins, allowed_hosts=allowed_hosts)  # outside the Gate: preflights need no key
     return app

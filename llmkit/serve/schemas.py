@@ -143,6 +143,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    context_length: int | None = Field(None, description="extension: the decoder's context in tokens")
 
 
 class ModelList(BaseModel):
