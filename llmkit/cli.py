@@ -246,12 +246,18 @@ def serve_cmd(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
     dtype: str = typer.Option(None, "--dtype", help="decoder weights: float32 (default), bfloat16 or float16"),
+    cors_origin: list[str] = typer.Option(None, "--cors-origin",
+                                          help="browser origin allowed to call the API (repeatable; '*' for any)"),
+    allowed_host: list[str] = typer.Option(None, "--allowed-host",
+                                           help="extra Host name to answer (repeatable; on loopback only "
+                                                "localhost names are answered)"),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
     from llmkit.serve import serve
 
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
-          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype)
+          max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype,
+          cors_origins=cors_origin or None, allowed_hosts=allowed_host or None)
 
 
 def _int_list(value: str | None, what: str) -> list[int] | None:
