@@ -21,8 +21,10 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.infer.generate import Completion, sample_next
+from llmkit.infer.logprobs import token_logprobs
 from llmkit.serve.batch_cache import BatchCache
 from llmkit.serve.prefill import Prefiller
+from llmkit.serve.sampling import process as process_logits
 
 log = logging.getLogger("llmkit.serve")
 MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
@@ -36,6 +38,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    top_k: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
 
 
 @dataclass
@@ -46,6 +54,7 @@ class Event:
     token: bool = False
     finish: str | None = None   # stop | length | timeout | error | cancelled
     error: str | None = None
+    logprob: tuple | None = None  # (token, logprob, [(id, logprob)] alternatives) if asked for
 
 
 class QueueFull(Exception):
@@ -91,9 +100,17 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed((params.seed + index) % 2 ** 64)
         self.generated = 0
+        self.output: list[int] = []  # generated ids, for the penalties
+        self.scored = None           # logprobs of the token just sampled
         self.length = 0     # tokens of this sequence in the KV cache
         self.pending = -1   # last sampled token, fed to the next decode step
         self.row = -1
+
+
+def _temperature(p: SamplingParams) -> float:
+    # top_p = 0 keeps only the most likely token (sample_next wants top_p > 0), and a temperature
+    # too small for logits / temperature to stay finite is the greedy limit too
+    return 0.0 if p.top_p <= 0 or p.temperature < MIN_TEMPERATURE else p.temperature
 
 
 class Engine:
@@ -271,24 +288,27 @@ class Engine:
         """generate.sample_next over rows that share settings and a generator, in one call per group."""
         groups: dict = {}
         for i, seq in enumerate(seqs):
-            key = i if seq.generator is not None else (seq.params.temperature, seq.params.top_p)
+            key = i if seq.generator is not None else (seq.params.temperature, seq.params.top_p, seq.params.top_k)
             groups.setdefault(key, []).append(i)
+        raw = logits.float()
+        logits = process_logits(raw, seqs, _temperature)  # penalties, min-p: per row (sampling.py)
         tokens = [0] * len(seqs)
         for rows in groups.values():
             p, gen = seqs[rows[0]].params, seqs[rows[0]].generator or self._generator
-            # top_p = 0 keeps only the most likely token (sample_next wants top_p > 0), and a temperature
-            # too small for logits / temperature to stay finite is the greedy limit too
-            temperature = 0.0 if p.top_p <= 0 or p.temperature < MIN_TEMPERATURE else p.temperature
-            picked = sample_next(logits[rows].float(), temperature, None, p.top_p, gen)
+            picked = sample_next(logits[rows], _temperature(p), p.top_k, p.top_p, gen)
             for i, token in zip(rows, picked.tolist()):
                 tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if seq.params.logprobs is not None:
+                seq.scored = token_logprobs(raw[i], tokens[i], seq.params.logprobs)
         return tokens
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated += 1
+        seq.output.append(token)
         text = seq.completion.push(token, last=seq.generated >= seq.params.max_tokens)
         finish = seq.completion.finish_reason
-        seq.job.emit(Event(seq.index, text, token=True, finish=finish))
+        seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
         if finish:
             self._free(seq)
         else:

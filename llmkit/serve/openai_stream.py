@@ -12,8 +12,10 @@ import json
 import time
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from llmkit.errors import LlmkitError
+from llmkit.infer.logprobs import chat_entries, completion_logprobs, score_prompt
 from llmkit.serve import schemas as S
 from llmkit.serve.engine import QueueFull, SamplingParams
 
@@ -94,11 +96,31 @@ class Streamer:
             raise _bad(f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds this model's context "
                        f"of {context} tokens", "context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if chat and body.top_logprobs is not None and not body.logprobs:
+            raise _bad("top_logprobs needs logprobs: true")
+        logprobs = (body.top_logprobs or 0 if body.logprobs else None) if chat else body.logprobs
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=tuple(s for s in stop if s), seed=body.seed, ignore_eos=body.ignore_eos)
+                              stop=tuple(s for s in stop if s), seed=body.seed, ignore_eos=body.ignore_eos,
+                              top_k=body.top_k or None, min_p=body.min_p, presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                              logprobs=logprobs)
+
+    def _echoes(self, body, prompts: list[list[int]], params) -> list[tuple[str, list]] | None:
+        """Completions with echo: each prompt's text and, with logprobs, its tokens scored."""
+        if not getattr(body, "echo", False):
+            return None
+        top = params.logprobs
+        return [(self.tokenizer.decode(p), score_prompt(self.engine.model, p, top) if top is not None else [])
+                for p in prompts]
+
+    def _logprobs(self, chat: bool, scored: list, offset: int = 0) -> dict:
+        if chat:
+            return {"content": chat_entries(self.tokenizer, scored)}
+        return completion_logprobs(self.tokenizer, scored, offset)
 
     async def respond(self, request, body, prompts: list[list[int]], chat: bool):
         params = self._params(body, prompts, chat)
+        echoes = await run_in_threadpool(self._echoes, body, prompts, params)
         try:
             job = self.engine.submit(prompts, params, n=body.n)
         except QueueFull as e:
@@ -113,10 +135,10 @@ class Streamer:
                 "model": self.model_name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._stream(job, head, chat, usage, prompt_tokens),
+            return StreamingResponse(self._stream(job, head, chat, usage, prompt_tokens, params, echoes, body.n),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, job, head, chat, prompt_tokens)
+        return await self._collect(request, job, head, chat, prompt_tokens, params, echoes, body.n)
 
     async def _events(self, job):
         """The job's events until every sequence has finished, timing them for /metrics."""
@@ -138,22 +160,33 @@ class Streamer:
                 remaining -= 1
             yield ev
 
-    async def _stream(self, job, head: dict, chat: bool, include_usage: bool, prompt_tokens: int):
+    async def _stream(self, job, head: dict, chat: bool, include_usage: bool, prompt_tokens: int, params,
+                      echoes, n: int):
         kind = "chat.completion.chunk" if chat else "text_completion"
-        produced, spoke = 0, set()
+        produced, spoke, offsets = 0, set(), {}
         try:
+            for i in range(job.size if echoes else 0):  # the echoed prompt first, as its own chunk
+                text, scored = echoes[i // n]
+                logprobs = self._logprobs(False, scored) if params.logprobs is not None else None
+                offsets[i] = len(text)
+                yield _sse({**head, "object": kind, "choices": [{"index": i, "text": text, "logprobs": logprobs,
+                                                                 "finish_reason": None}]})
             async for ev in self._events(job):
                 if ev.finish in FAILURES:
                     status, type_, code = FAILURES[ev.finish]
                     yield _sse({"error": {"message": ev.error, "type": type_, "code": code, "param": None}})
                     break
                 produced += 1
+                logprobs = None
+                if ev.logprob is not None:
+                    logprobs = self._logprobs(chat, [ev.logprob], offsets.get(ev.index, 0))
+                    offsets[ev.index] = offsets.get(ev.index, 0) + len(ev.text)
                 if chat:
                     delta = {"content": ev.text} if ev.index in spoke else {"role": "assistant", "content": ev.text}
                     spoke.add(ev.index)
-                    choice = {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": ev.finish}
+                    choice = {"index": ev.index, "delta": delta, "logprobs": logprobs, "finish_reason": ev.finish}
                 else:
-                    choice = {"index": ev.index, "text": ev.text, "logprobs": None, "finish_reason": ev.finish}
+                    choice = {"index": ev.index, "text": ev.text, "logprobs": logprobs, "finish_reason": ev.finish}
                 yield _sse({**head, "object": kind, "choices": [choice]})
             else:
                 if include_usage:
@@ -164,8 +197,9 @@ class Streamer:
         finally:
             job.cancel()  # a client that went away frees its batch rows; a no-op once all finished
 
-    async def _collect(self, request, job, head: dict, chat: bool, prompt_tokens: int):
+    async def _collect(self, request, job, head: dict, chat: bool, prompt_tokens: int, params, echoes, n: int):
         texts: dict[int, list[str]] = {i: [] for i in range(job.size)}
+        scored: dict[int, list] = {i: [] for i in range(job.size)}
         finish: dict[int, str] = {}
         produced = 0
         watcher = asyncio.ensure_future(self._cancel_on_disconnect(request, job))
@@ -176,6 +210,8 @@ class Streamer:
                     raise ApiError(status, ev.error, type_, code)
                 produced += ev.token
                 texts[ev.index].append(ev.text)
+                if ev.logprob is not None:
+                    scored[ev.index].append(ev.logprob)
                 if ev.finish:
                     finish[ev.index] = ev.finish
         finally:
@@ -187,11 +223,13 @@ class Streamer:
         choices = []
         for i in range(job.size):
             text = "".join(texts[i])
+            echo, echo_scored = echoes[i // n] if echoes else ("", [])
+            logprobs = self._logprobs(chat, echo_scored + scored[i]) if params.logprobs is not None else None
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish[i]})
+                                "logprobs": logprobs, "finish_reason": finish[i]})
             else:
-                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish[i]})
+                choices.append({"index": i, "text": echo + text, "logprobs": logprobs, "finish_reason": finish[i]})
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": produced,
                  "total_tokens": prompt_tokens + produced}
         return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",

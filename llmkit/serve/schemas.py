@@ -14,6 +14,7 @@ MAX_CHOICES = 8         # `n` per prompt
 MAX_PROMPTS = 16        # prompts in one /v1/completions call
 MAX_STOP = 4            # stop strings, as OpenAI
 MAX_EMBED_INPUTS = 256  # texts in one /v1/embeddings call
+MAX_LOGPROBS = 20       # alternatives per token, as OpenAI's top_logprobs
 
 
 def _encodable(text: str) -> str:
@@ -51,10 +52,17 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     user: str | None = None
     ignore_eos: bool = Field(False, description="extension (as vLLM): generate max_tokens even past end-of-text")
+    top_k: int | None = Field(None, ge=0, description="extension: sample from the k most likely tokens (0: all)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension: drop tokens below min_p x the top probability")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: CTRL's penalty, 1 = off")
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(..., description="text, texts, token ids, or lists of token ids")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many top tokens")
+    echo: bool = Field(False, description="put the prompt before the completion (with logprobs: score it)")
 
 
 class TextPart(BaseModel):
@@ -71,6 +79,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name for max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
 
 
 class EmbeddingRequest(BaseModel):
@@ -91,7 +101,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -112,7 +122,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
