@@ -120,6 +120,7 @@ def generate_cmd(
     dtype: str = typer.Option(None, "--dtype", help="float32 (default), bfloat16 or float16: half the bytes "
                                                     "read per token, so faster decoding"),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print each prompt before its completion"),
+    json_schema: str = typer.Option(None, "--json-schema", help="JSON schema file: the output is JSON following it"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     import torch
@@ -133,7 +134,8 @@ def generate_cmd(
     if num_samples < 1:
         raise LlmkitError(f"--num-samples must be >= 1, got {num_samples}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
+                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
+                            json_schema=_read_schema(json_schema))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
@@ -161,6 +163,22 @@ def generate_cmd(
         if i:
             print("---")
         print((p if echo else "") + completion)
+
+
+def _read_schema(path: str | None) -> dict | None:
+    import json
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LlmkitError(f"cannot read the JSON schema {path}: {e}") from None
+    from llmkit.infer.structured import json_grammar
+
+    json_grammar(schema)  # an unusable schema fails here, before the model loads
+    return schema
 
 
 @app.command("chat")

@@ -76,6 +76,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()      # strings that end a completion (not included in it)
     seed: int | None = None         # None: the global torch RNG
+    json_schema: dict | None = None  # constrain the output to JSON following it (structured.py)
 
     def __post_init__(self):
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -231,13 +232,19 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -
             positions = (torch.arange(P, device=device) - (P - lengths)[:, None]).clamp(min=0) if padded else None
             logits = model(idx, cache=cache, positions=positions,
                            attn_mask=key_mask[:, :P] if padded else None, last_only=True)[0][:, -1]
+        constraints = _constraints(tokenizer, params.json_schema, B, logits.shape[-1])
         for step in range(N):
             with torch.inference_mode():
                 logits = apply_repetition_penalty(logits.float(), history[:, :P + step], params.repetition_penalty)
+                for i, constraint in enumerate(constraints):
+                    if not rows[i].done:
+                        constraint.apply(logits[i])
                 tokens = sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
                 history[:, P + step] = tokens
             for i, token in enumerate(tokens.tolist()):
                 if not rows[i].done:
+                    if constraints:
+                        constraints[i].advance(token)
                     piece = rows[i].push(token, last=step == N - 1)
                     if piece:
                         yield i, piece
@@ -249,6 +256,16 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -
                                attn_mask=key_mask[:, :P + step + 1] if padded else None, last_only=True)[0][:, -1]
     finally:
         model.train(was_training)
+
+
+def _constraints(tokenizer, schema: dict | None, rows: int, vocab_size: int) -> list:
+    """One grammar state per row when a JSON schema is asked for, else none."""
+    if schema is None:
+        return []
+    from llmkit.infer.structured import Constraint, json_grammar
+
+    grammar = json_grammar(schema)
+    return [Constraint(tokenizer, vocab_size, grammar) for _ in range(rows)]
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:

@@ -44,6 +44,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    grammar: str | None = None   # llguidance grammar the output must follow (infer/structured.py)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Sequence:
         self.generated = 0
         self.output: list[int] = []  # generated ids, for the penalties
         self.scored = None           # logprobs of the token just sampled
+        self.constraint = None       # grammar state, made on the engine thread when first needed
         self.length = 0     # tokens of this sequence in the KV cache
         self.pending = -1   # last sampled token, fed to the next decode step
         self.row = -1
@@ -291,7 +293,7 @@ class Engine:
             key = i if seq.generator is not None else (seq.params.temperature, seq.params.top_p, seq.params.top_k)
             groups.setdefault(key, []).append(i)
         raw = logits.float()
-        logits = process_logits(raw, seqs, _temperature)  # penalties, min-p: per row (sampling.py)
+        logits = process_logits(raw, seqs, _temperature, self.tokenizer)  # penalties, min-p, grammar (sampling.py)
         tokens = [0] * len(seqs)
         for rows in groups.values():
             p, gen = seqs[rows[0]].params, seqs[rows[0]].generator or self._generator
@@ -306,6 +308,8 @@ class Engine:
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated += 1
         seq.output.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         text = seq.completion.push(token, last=seq.generated >= seq.params.max_tokens)
         finish = seq.completion.finish_reason
         seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))

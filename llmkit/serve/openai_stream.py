@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from llmkit.errors import LlmkitError
 from llmkit.infer.logprobs import chat_entries, completion_logprobs, score_prompt
+from llmkit.infer.structured import grammar_tokenizer, json_grammar
 from llmkit.serve import schemas as S
 from llmkit.serve.engine import QueueFull, SamplingParams
 
@@ -83,7 +84,25 @@ class Streamer:
 
     # ---- one request --------------------------------------------------------------
 
-    def _params(self, body, prompts: list[list[int]], chat: bool) -> SamplingParams:
+    def _grammar(self, body) -> str | None:
+        """response_format as an llguidance grammar (None: free text). Runs off the event loop: the
+        grammar tokenizer is built here on first use (about a second), not on the engine thread."""
+        fmt = getattr(body, "response_format", None)
+        if fmt is None or fmt.type == "text":
+            return None
+        schema = None
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise _bad("response_format.json_schema.schema is required for type json_schema")
+            schema = fmt.json_schema.schema_
+        try:
+            grammar = json_grammar(schema)
+        except LlmkitError as e:
+            raise _bad(f"response_format: {e}") from None
+        grammar_tokenizer(self.tokenizer, self.engine.model.config.vocab_size)
+        return grammar
+
+    def _params(self, body, prompts: list[list[int]], chat: bool, grammar: str | None = None) -> SamplingParams:
         context = self.engine.context
         longest = max(len(p) for p in prompts)
         if longest >= context:
@@ -103,7 +122,7 @@ class Streamer:
                               stop=tuple(s for s in stop if s), seed=body.seed, ignore_eos=body.ignore_eos,
                               top_k=body.top_k or None, min_p=body.min_p, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                              logprobs=logprobs)
+                              logprobs=logprobs, grammar=grammar)
 
     def _echoes(self, body, prompts: list[list[int]], params) -> list[tuple[str, list]] | None:
         """Completions with echo: each prompt's text and, with logprobs, its tokens scored."""
@@ -119,7 +138,7 @@ class Streamer:
         return completion_logprobs(self.tokenizer, scored, offset)
 
     async def respond(self, request, body, prompts: list[list[int]], chat: bool):
-        params = self._params(body, prompts, chat)
+        params = self._params(body, prompts, chat, await run_in_threadpool(self._grammar, body))
         echoes = await run_in_threadpool(self._echoes, body, prompts, params)
         try:
             job = self.engine.submit(prompts, params, n=body.n)

@@ -1,5 +1,6 @@
 """Per-row logits processing the engine applies before sampling: the repetition, presence and
-frequency penalties and min-p, each row with its own request's settings and its own history.
+frequency penalties, min-p and a JSON grammar, each row with its own request's settings, history
+and grammar state.
 
 Order as vLLM's: penalties on the raw logits, then (in generate.sample_next) temperature,
 top-k and top-p; min-p here compares probabilities after temperature, so it is applied as the
@@ -12,11 +13,12 @@ import math
 import torch
 
 from llmkit.infer.generate import apply_repetition_penalty
+from llmkit.infer.structured import Constraint
 
 
 def needs_processing(params) -> bool:
     return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0 or params.min_p > 0.0)
+            or params.frequency_penalty != 0.0 or params.min_p > 0.0 or params.grammar is not None)
 
 
 def penalize(row: torch.Tensor, params, prompt: list[int], output: list[int]) -> torch.Tensor:
@@ -37,8 +39,9 @@ def min_p_filter(row: torch.Tensor, min_p: float, temperature: float) -> torch.T
     return row.masked_fill(row < row.max() + temperature * math.log(min_p), float("-inf"))
 
 
-def process(logits: torch.Tensor, seqs, temperature_of) -> torch.Tensor:
-    """(B, V) float logits -> processed logits; rows whose request asks for nothing are untouched."""
+def process(logits: torch.Tensor, seqs, temperature_of, tokenizer) -> torch.Tensor:
+    """(B, V) float logits -> processed logits; rows whose request asks for nothing are untouched.
+    A row with a grammar gets its own grammar state on first use (structured.py), then its mask."""
     if not any(needs_processing(s.params) for s in seqs):
         return logits
     out = logits.clone()
@@ -46,5 +49,9 @@ def process(logits: torch.Tensor, seqs, temperature_of) -> torch.Tensor:
         p = seq.params
         if needs_processing(p):
             row = penalize(out[i], p, seq.prompt, seq.output)
+            if p.grammar is not None:  # before min-p, which must pick among the tokens the grammar allows
+                if seq.constraint is None:
+                    seq.constraint = Constraint(tokenizer, row.shape[-1], p.grammar)
+                row = seq.constraint.apply(row.clone())
             out[i] = min_p_filter(row, p.min_p, temperature_of(p))
     return out
