@@ -142,8 +142,9 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
         @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=ERRORS)
         async def chat_completions(body: S.ChatRequest, request: Request):
             check_model(body.model, model_name, "generate text")
-            prompt = await run_in_threadpool(streamer.chat_prompt, body.messages)
-            return await streamer.respond(request, body, [prompt], chat=True)
+            plan = streamer.tool_plan(body)
+            prompt = await run_in_threadpool(streamer.chat_prompt, body.messages, plan)
+            return await streamer.respond(request, body, [prompt], chat=True, plan=plan)
 
     if embedder is not None:
         @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERRORS)

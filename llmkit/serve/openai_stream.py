@@ -18,6 +18,7 @@ from llmkit.errors import LlmkitError
 from llmkit.infer.logprobs import chat_entries, completion_logprobs, score_prompt
 from llmkit.infer.structured import grammar_tokenizer, json_grammar
 from llmkit.serve import schemas as S
+from llmkit.serve import tools
 from llmkit.serve.engine import QueueFull, SamplingParams
 
 FAILURES = {"timeout": (408, "timeout_error", "request_timeout"), "error": (500, "server_error", None)}
@@ -72,26 +73,45 @@ class Streamer:
             out.append(ids)
         return out
 
-    def chat_prompt(self, messages: list[S.ChatMessage]) -> list[int]:
-        turns = []
-        for m in messages:
-            text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
-            turns.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    def tool_plan(self, body):
         try:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+            return tools.plan(body.tools, body.tool_choice)
+        except LlmkitError as e:
+            raise _bad(str(e)) from None
+
+    def chat_prompt(self, messages: list[S.ChatMessage], plan=None) -> list[int]:
+        native = plan is not None and "tools" in (self.tokenizer.chat_template or "")
+        turns = [] if plan is None or native else [{"role": "system", "content": tools.describe(plan.tools)}]
+        for i, m in enumerate(messages):
+            if m.content is None and not m.tool_calls:
+                raise _bad(f"messages.{i}.content is required (only an assistant message with tool_calls may omit it)")
+            text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content or [])
+            if m.tool_calls:  # the model's earlier call, as it would have written it
+                text = "\n".join([text] * bool(text) + [tools.call_text(c) for c in m.tool_calls])
+            role = {"developer": "system"}.get(m.role, m.role)
+            if role == "tool" and not native:  # templates without a tool role: the result as a user turn
+                role, text = "user", f"Result of the function call {m.tool_call_id or ''}: {text}"
+            turns.append({"role": role, "content": text})
+        try:
+            prompt = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True,
+                                                        tools=plan.tools if native else None)
+            return self.tokenizer.encode(prompt)
         except LlmkitError as e:
             raise _bad(str(e)) from None
 
     # ---- one request --------------------------------------------------------------
 
-    def _grammar(self, body) -> str | None:
-        """response_format as an llguidance grammar (None: free text). Runs off the event loop: the
-        grammar tokenizer is built here on first use (about a second), not on the engine thread."""
+    def _grammar(self, body, plan=None) -> str | None:
+        """response_format or a forced tool call as an llguidance grammar (None: free text). Runs off
+        the event loop: the grammar tokenizer is built here on first use, not on the engine thread."""
         fmt = getattr(body, "response_format", None)
-        if fmt is None or fmt.type == "text":
+        if plan is not None and plan.schema is not None:
+            schema = plan.schema
+        elif fmt is None or fmt.type == "text":
             return None
-        schema = None
-        if fmt.type == "json_schema":
+        else:
+            schema = None
+        if fmt is not None and fmt.type == "json_schema" and schema is None:
             if fmt.json_schema is None or fmt.json_schema.schema_ is None:
                 raise _bad("response_format.json_schema.schema is required for type json_schema")
             schema = fmt.json_schema.schema_
@@ -137,8 +157,8 @@ class Streamer:
             return {"content": chat_entries(self.tokenizer, scored)}
         return completion_logprobs(self.tokenizer, scored, offset)
 
-    async def respond(self, request, body, prompts: list[list[int]], chat: bool):
-        params = self._params(body, prompts, chat, await run_in_threadpool(self._grammar, body))
+    async def respond(self, request, body, prompts: list[list[int]], chat: bool, plan=None):
+        params = self._params(body, prompts, chat, await run_in_threadpool(self._grammar, body, plan))
         echoes = await run_in_threadpool(self._echoes, body, prompts, params)
         try:
             job = self.engine.submit(prompts, params, n=body.n)
@@ -154,10 +174,13 @@ class Streamer:
                 "model": self.model_name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._stream(job, head, chat, usage, prompt_tokens, params, echoes, body.n),
+            stream = self._stream(job, head, chat, usage, prompt_tokens, params, echoes, body.n)
+            if plan is not None:
+                stream = self._stream_tool_calls(stream, plan)
+            return StreamingResponse(stream,
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(request, job, head, chat, prompt_tokens, params, echoes, body.n)
+        return await self._collect(request, job, head, chat, prompt_tokens, params, echoes, body.n, plan)
 
     async def _events(self, job):
         """The job's events until every sequence has finished, timing them for /metrics."""
@@ -216,7 +239,8 @@ class Streamer:
         finally:
             job.cancel()  # a client that went away frees its batch rows; a no-op once all finished
 
-    async def _collect(self, request, job, head: dict, chat: bool, prompt_tokens: int, params, echoes, n: int):
+    async def _collect(self, request, job, head: dict, chat: bool, prompt_tokens: int, params, echoes, n: int,
+                       plan=None):
         texts: dict[int, list[str]] = {i: [] for i in range(job.size)}
         scored: dict[int, list] = {i: [] for i in range(job.size)}
         finish: dict[int, str] = {}
@@ -244,7 +268,11 @@ class Streamer:
             text = "".join(texts[i])
             echo, echo_scored = echoes[i // n] if echoes else ("", [])
             logprobs = self._logprobs(chat, echo_scored + scored[i]) if params.logprobs is not None else None
-            if chat:
+            call = tools.parse_call(text, plan) if plan is not None else None
+            if call is not None:
+                choices.append({"index": i, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                                "logprobs": logprobs, "finish_reason": "tool_calls"})
+            elif chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": logprobs, "finish_reason": finish[i]})
             else:
@@ -253,6 +281,34 @@ class Streamer:
                  "total_tokens": prompt_tokens + produced}
         return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
                              "choices": choices, "usage": usage})
+
+    @staticmethod
+    async def _stream_tool_calls(chunks, plan):
+        """With tools, a reply's text is held until it ends: then it goes out as one tool-call delta
+        (and a finish_reason "tool_calls" chunk) if it is a call, else as its text."""
+        held: dict[int, list] = {}
+        try:
+            async for sse in chunks:
+                payload = json.loads(sse[6:]) if sse.startswith("data: {") else None
+                if payload is None or not payload.get("choices"):
+                    yield sse
+                    continue
+                choice = payload["choices"][0]
+                held.setdefault(choice["index"], []).append(choice["delta"].get("content") or "")
+                if choice["finish_reason"] is None:
+                    continue
+                text = "".join(held.pop(choice["index"]))
+                call = tools.parse_call(text, plan)
+                if call is None:
+                    choice["delta"] = {"role": "assistant", "content": text}
+                    yield _sse(payload)
+                    continue
+                choice["delta"] = {"role": "assistant", "tool_calls": [{"index": 0, **call}]}
+                choice["finish_reason"] = None
+                yield _sse(payload)
+                yield _sse({**payload, "choices": [{**choice, "delta": {}, "finish_reason": "tool_calls"}]})
+        finally:
+            await chunks.aclose()  # frees the batch rows at once if the client left
 
     @staticmethod
     async def _cancel_on_disconnect(request, job) -> None:

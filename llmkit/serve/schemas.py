@@ -70,10 +70,44 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[Text, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[Text, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JsonSchemaFormat(BaseModel):
@@ -92,6 +126,8 @@ class ResponseFormat(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=64)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name for max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
@@ -130,14 +166,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatResponse(BaseModel):
