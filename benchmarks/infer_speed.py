@@ -17,13 +17,13 @@ Engines:
   matmul-floor     not a model: one batch-1 F.linear per weight matrix, i.e. all weights streamed once
                    by PyTorch's own matrix-vector kernels (in the faster of row- and column-major
                    layout): what a model built on PyTorch's matmuls cannot beat
-  llmkit           llmkit.model GPT, eager, KV cache from model.new_cache(), as `llmkit generate` and
-                   `llmkit chat` run it: one-row products, decode attention and RMSNorm through
-                   llmkit.infer.kernels (which stream the weights faster than the floor above)
+  llmkit           llmkit.model GPT with llmkit.infer.cpu's swaps, eager, through llmkit.infer.generate.Decoder
+                   as `llmkit generate` and `llmkit chat` run it: one-row products, decode attention
+                   and RMSNorm through llmkit.infer.kernels (which stream the weights faster than the floor)
   llmkit-pytorch   the same with llmkit.infer.kernels switched off (LLMKIT_KERNELS=0): PyTorch's ops only,
-                   fp32 weights column-major (llmkit.infer.compiled.decode_layout)
-  llmkit-compiled  the model through llmkit.infer.compiled.CompiledDecoder (static KV cache, compiled block;
-                   "warm-up s" includes compiling it)
+                   fp32 weights column-major (llmkit.infer.cpu.decode_layout)
+  llmkit-compiled  Decoder(compile=True) (static KV cache, compiled block; "warm-up s" includes
+                   compiling it)
   transformers     LlamaForCausalLM with its DynamicCache (the path model.generate() takes)
 Reference numbers for this machine class (2 cores): transformers 5.23 decodes ~17.9 tok/s (fp32) and
 ~25 (bf16), prefills ~614 / ~1,135 tok/s; llama.cpp (Q4_1) decodes ~139 tok/s.
@@ -74,33 +74,25 @@ def timed(fn) -> tuple[float, float]:
 def run_llmkit(model_dir, dtype, ids, new_tokens, repeats, compiled):
     from llmkit.io.hf import load_hf
 
-    from llmkit.infer.compiled import decode_layout
+    from llmkit.infer.generate import Decoder
+    from llmkit.infer.cpu import optimize_for_inference
 
     model, _ = load_hf(model_dir)
-    model = decode_layout(model.to(dtype).eval())  # as `llmkit generate` and `llmkit chat` do
-    step = None
-    if compiled:
-        from llmkit.infer.compiled import CompiledDecoder
-        step = CompiledDecoder(model, max_len=len(ids) + new_tokens)
-    x = torch.tensor([ids])
-    P = len(ids)
+    # as `llmkit generate` and `llmkit chat` do
+    model = optimize_for_inference(model.to(dtype).eval(), single_row=True)
+    decoder = Decoder(model, 1, len(ids) + new_tokens, compile=compiled)
 
     def prefill():
-        if step is not None:
-            return step.prefill(x), None
-        cache = model.new_cache(1, P + new_tokens)
-        return model(x, cache=cache, last_only=True)[0][:, -1], cache
+        decoder.cache.reset()  # start over in the same cache (the compiled graph keeps its buffers)
+        return decoder.prefill([ids]), decoder
 
-    def decode(logits, cache):
+    def decode(logits, decoder):
         out = []
-        tok = logits.argmax(-1, keepdim=True)
+        tok = logits.argmax(-1)
         for _ in range(new_tokens):
             out.append(int(tok))
-            if step is not None:
-                logits = step.decode(tok)
-            else:
-                logits = model(tok, cache=cache, last_only=True)[0][:, -1]
-            tok = logits.argmax(-1, keepdim=True)
+            logits = decoder.step(tok)
+            tok = logits.argmax(-1)
         return out
 
     with torch.inference_mode():
@@ -119,7 +111,7 @@ def run_floor(model_dir, dtype, repeats):
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
     times = []
     with torch.inference_mode():
-        # both memory layouts (row-major as loaded, column-major as llmkit.infer.compiled.decode_layout): the faster counts
+        # both memory layouts (row-major as loaded, column-major as llmkit.infer.cpu.decode_layout): the faster counts
         for layout in (weights, [w.t().contiguous().t() for w in weights]):
             times += [timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in layout]) for _ in range(repeats + 2)]
     return min(t[0] for t in times), min(t[1] for t in times)

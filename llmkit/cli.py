@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -28,6 +29,9 @@ def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
                                      help="optional YAML config, then overrides like lr=3e-4 model.n_layer=6"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in out_dir"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the checkpoint already in out_dir"),
+    init_from: str = typer.Option(None, "--init-from", help="start from this model's weights (continued "
+                                  "pretraining): a model name, .gguf, llmkit or HF dir; prepare with its tokenizer"),
     data: str = typer.Option(None, "--data", help="prepared data dir (data_dir=...)"),
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
     preset: str = typer.Option(None, "--preset", help="model preset name"),
@@ -42,7 +46,7 @@ def train(
     args = list(args or [])
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
-                               objective=objective)
+                               objective=objective, init_from=init_from, overwrite=overwrite or None)
     if config.objective in ENCODER_OBJECTIVES:
         from llmkit.train.encoder import EncoderTrainer
 
@@ -73,9 +77,14 @@ def eval_(
     chat: bool = typer.Option(False, "--chat", help="--mc/--gen: ask through the model's chat template"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--gen: longest answer in tokens"),
     output: str = typer.Option(None, "--output", help="also write all results (with per-item predictions) as JSON"),
+    qa: str = typer.Option(None, "--qa", help="SQuAD-style JSONL for a QA model: exact match and F1"),
 ):
     """Perplexity on text or a data split; with --mc/--gen also task scores, as a table (or --json)."""
     import json
+
+    if qa:
+        _eval_qa(model, qa, device, as_json, output)
+        return
 
     if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
         from llmkit.eval.lm import evaluate_tasks, results_table
@@ -125,8 +134,8 @@ def generate_cmd(
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     import torch
 
-    from llmkit.infer.compiled import decode_layout
     from llmkit.infer.generate import SamplingParams, generate, stream
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
     if (prompt is None) == (prompt_file is None):
@@ -139,8 +148,8 @@ def generate_cmd(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
+    optimize_for_inference(net, single_row=prompt_file is None)
     if prompt_file is None:
-        decode_layout(net)  # one sequence at a time: batch-1 decoding
         for i in range(num_samples):
             if i:
                 print("\n---")
@@ -200,8 +209,8 @@ def chat_cmd(
     import torch
 
     from llmkit.infer.chat import ChatSession, chat_loop
-    from llmkit.infer.compiled import decode_layout
     from llmkit.infer.generate import SamplingParams
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -209,7 +218,7 @@ def chat_cmd(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
-    chat_loop(ChatSession(decode_layout(net), tokenizer, system=system, params=params))
+    chat_loop(ChatSession(optimize_for_inference(net, single_row=True), tokenizer, system=system, params=params))
 
 
 @app.command("convert")
@@ -219,8 +228,15 @@ def convert_cmd(
     to: str = typer.Option("llmkit", "--to", help="llmkit or hf"),
 ):
     """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory."""
+    from llmkit.io.encoders import is_encoder
     from llmkit.io.resolve import convert
 
+    if to == "hf" and is_encoder(src):  # BERT-style encoders, with their MLM / NSP heads
+        from llmkit.io.encoders import load_encoder
+        from llmkit.io.bert_export import save_hf_bert
+
+        print(f"wrote hf model to {save_hf_bert(*load_encoder(src), dst)}")
+        return
     out = convert(src, dst, to=to)
     print(f"wrote {to} model to {out}")
 
@@ -229,7 +245,8 @@ def convert_cmd(
 def prepare_cmd(
     inputs: list[str] = typer.Argument(..., help=".txt / .jsonl files or directories of them"),
     out: str = typer.Option(..., "--out", help="output data directory"),
-    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, or a tokenizer.json to reuse"),
+    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe, char, a tokenizer.json to reuse, or a model "
+                                  "whose tokenizer to use (for train --init-from)"),
     vocab_size: int = typer.Option(8192, "--vocab-size", help="vocabulary size when training bpe"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of documents (or tail tokens) for val"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
@@ -242,8 +259,12 @@ def prepare_cmd(
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
         tok = Tokenizer.train_char(iter_texts(inputs))
-    else:
+    elif tokenizer.endswith(".json") or (Path(tokenizer) / "tokenizer.json").is_file():
         tok = Tokenizer.load(tokenizer)
+    else:  # a model name, .gguf file or model directory
+        from llmkit.io.resolve import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     meta = prepare(inputs, out, tok, val_fraction=val_fraction, seed=seed)
     print(f"{meta['documents']} documents -> {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
           f"tokens ({meta['dtype']}, vocab {meta['vocab_size']}) in {out}")
@@ -252,7 +273,8 @@ def prepare_cmd(
 @app.command("serve")
 def serve_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
-                              help="decoder (llmkit/HF dir, .gguf, short name) or an encoder for embeddings"),
+                              help="decoder (llmkit/HF dir, .gguf, short name), an encoder for embeddings, "
+                                   "or none"),
     embedding_model: str = typer.Option(None, "--embedding-model", help="encoder served at /v1/embeddings too"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
     port: int = typer.Option(8000, "--port"),
@@ -264,6 +286,9 @@ def serve_cmd(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
     dtype: str = typer.Option(None, "--dtype", help="decoder weights: float32 (default), bfloat16 or float16"),
+    nlu: list[str] = typer.Option(None, "--nlu", help="NLU model served at /v1/classify and /v1/tag: an "
+                                                      "intent-slots model, or a classify and a tag model"),
+    dialog: str = typer.Option(None, "--dialog", help="dialogue domain YAML served at /v1/dialog (needs --nlu)"),
     cors_origin: list[str] = typer.Option(None, "--cors-origin",
                                           help="browser origin allowed to call the API (repeatable; '*' for any)"),
     allowed_host: list[str] = typer.Option(None, "--allowed-host",
@@ -275,7 +300,7 @@ def serve_cmd(
 
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
           max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype,
-          cors_origins=cors_origin or None, allowed_hosts=allowed_host or None)
+          nlu=nlu or None, dialog=dialog, cors_origins=cors_origin or None, allowed_hosts=allowed_host or None)
 
 
 def _int_list(value: str | None, what: str) -> list[int] | None:
@@ -353,12 +378,13 @@ def embed_cmd(
     """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
     from llmkit.infer.embed import embed_texts, jsonl_lines, write_embeddings
     from llmkit.io.encoders import load_encoder, read_lines
+    from llmkit.infer.cpu import optimize_for_inference
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
     texts = read_lines(input_file)
     net, tokenizer = load_encoder(model, device=device)
-    vectors = embed_texts(net, tokenizer, texts, batch_size=batch_size)
+    vectors = embed_texts(optimize_for_inference(net), tokenizer, texts, batch_size=batch_size)
     if out is None:
         sys.stdout.writelines(jsonl_lines(texts, vectors))
     else:
@@ -368,6 +394,9 @@ def embed_cmd(
 
 FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "tag": "token classification (BIO tags), JSONL {tokens, tags}",
+                  "intent-slots": "one encoder, an intent head and a slot (BIO) head trained jointly, "
+                                  "JSONL {tokens, tags, label}",
+                  "qa": "extractive question answering (a span head), SQuAD-style JSONL {context, question, answers}",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
@@ -422,6 +451,18 @@ def finetune_cmd(
                            log=lambda line: print(line, file=sys.stderr))
         print(f"{format_metrics(metrics) or 'no validation data'}; model saved to {out}")
         return
+    if task in ("intent-slots", "qa"):  # several-head recipes: one model, jointly trained heads
+        from llmkit.train.tasks import FinetuneConfig
+        from llmkit.train.multitask import finetune_intent_slots
+        from llmkit.train.qa import finetune_qa
+
+        run, keys = ((finetune_intent_slots, ("intent_accuracy", "slot_f1")) if task == "intent-slots"
+                     else (finetune_qa, ("exact_match", "f1")))
+        config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
+        metrics = run(model, data, out, val_path=val, config=config, log=lambda line: print(line, file=sys.stderr))
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+        print(f"{shown or 'no validation data'}; model saved to {out}")
+        return
     raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
 
 
@@ -435,11 +476,160 @@ def predict_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
+    from llmkit.train.multitask import is_joint
     from llmkit.train.tasks import format_metrics, run_predict
 
+    if is_joint(model):
+        _predict_joint(model, input_file, out, device)
+        return
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
+
+
+@app.command("dialog")
+def dialog_cmd(
+    domain: str = typer.Argument(..., help="domain YAML: intents, slots, required slots, prompts, actions"),
+    nlu: list[str] = typer.Option(..., "--nlu", help="an intent-slots model (or a classify and a tag model)"),
+    reply: str = typer.Option("template", "--reply", help="template, or chat: the chat model words each reply"),
+    chat_model: str = typer.Option("smollm2-135m-instruct", "--chat-model", help="--reply chat: the chat model"),
+    actions: str = typer.Option(None, "--actions", help="append each executed action to this JSONL file"),
+    show_state: bool = typer.Option(False, "--show-state", help="print the NLU result and state after each turn"),
+):
+    """Talk to a task-oriented dialogue system in the terminal (NLU -> state tracking -> policy -> reply)."""
+    from llmkit.apps.dialog import ChatReplier, Dialog, dialog_loop
+    from llmkit.apps.domain import load_domain
+    from llmkit.apps.nlu import NLU
+
+    if reply not in ("template", "chat"):
+        raise LlmkitError(f"--reply must be template or chat, got {reply!r}")
+    session = Dialog(load_domain(domain), NLU.load(*nlu))
+    if reply == "chat":
+        from llmkit.infer.cpu import optimize_for_inference
+        from llmkit.io.resolve import resolve_model
+
+        net, tokenizer = resolve_model(chat_model)
+        session.replier = ChatReplier(optimize_for_inference(net, single_row=True), tokenizer)
+    dialog_loop(session, actions_file=actions, show_state=show_state)
+
+
+@app.command("index")
+def index_cmd(
+    docs: list[str] = typer.Argument(..., help=".txt/.md files, .jsonl ({id, text} per line), or directories"),
+    model: str = typer.Option("all-minilm-l6-v2", "--model", help="embedding model (encoder)"),
+    out: str = typer.Option(..., "--out", help="index directory to write"),
+    chunk_words: int = typer.Option(80, "--chunk-words", help="words per chunk"),
+    overlap: int = typer.Option(15, "--overlap", help="words shared by consecutive chunks"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+):
+    """Chunk documents, embed each chunk, and save a flat inner-product index for `llmkit ask`."""
+    from llmkit.apps.retrieval import build_index, read_documents
+    from llmkit.io.encoders import load_encoder
+
+    documents = read_documents(docs)
+    net, tokenizer = load_encoder(model)
+    meta = build_index(documents, net, tokenizer, out, model, chunk_words, overlap, batch_size)
+    print(f"indexed {meta['documents']} documents as {meta['chunks']} chunks ({meta['dim']} dims) in {out}")
+
+
+@app.command("ask")
+def ask_cmd(
+    question: str = typer.Argument(None, help="the question (or --eval QUESTIONS.jsonl)"),
+    index: str = typer.Option(..., "--index", help="index directory from `llmkit index`"),
+    model: str = typer.Option(None, "--model", help="embedding model (default: the one the index was built with)"),
+    k: int = typer.Option(4, "-k", help="chunks to retrieve"),
+    chat_model: str = typer.Option("smollm2-135m-instruct", "--chat-model", help="model that writes the answer"),
+    retrieve_only: bool = typer.Option(False, "--retrieve-only", help="print the retrieved chunks, no answer"),
+    evaluate: str = typer.Option(None, "--eval", help="JSONL {question, doc}: print recall@1/3/5 instead"),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+):
+    """Answer a question from an index: retrieve the top chunks, answer with the chat model, cite them."""
+    import json
+
+    from llmkit.apps.retrieval import Index, answer_prompt, read_questions, recall_at_k
+    from llmkit.infer.embed import embed_texts
+    from llmkit.io.encoders import load_encoder
+
+    if (question is None) == (evaluate is None) or k < 1:
+        raise LlmkitError("give a QUESTION or --eval QUESTIONS.jsonl (not both), and -k >= 1")
+    idx = Index(index)
+    name = model or idx.meta["model"]
+    net, tokenizer = load_encoder(name)
+    idx.check_model(net, name)
+    if evaluate:
+        print(json.dumps(recall_at_k(idx, net, tokenizer, read_questions(evaluate))))
+        return
+    hits = idx.search(embed_texts(net, tokenizer, [question]), k)[0]
+    sources = [f"[{n}] {h.doc} #{h.chunk} (score {h.score:.3f})" for n, h in enumerate(hits, 1)]
+    if retrieve_only:
+        for line, h in zip(sources, hits):
+            print(f"{line}\n    {h.text[:300]}")
+        return
+    from llmkit.infer.chat import ask
+
+    ask(answer_prompt(question, hits), model=chat_model, out=sys.stdout, max_new_tokens=max_new_tokens)
+    print("sources:\n  " + "\n  ".join(sources))
+
+
+def _eval_qa(model: str, data: str, device: str, as_json: bool, output: str | None) -> None:
+    """`eval --qa`: exact match and F1 of a span-QA model (SQuAD scoring)."""
+    import json
+
+    from llmkit.train.qa import evaluate_qa
+    from llmkit.utils import atomic_open
+
+    result = evaluate_qa(model, data, device="cpu" if device == "auto" else device)
+    if output:
+        with atomic_open(output) as f:
+            json.dump(result, f, indent=2)
+    summary = {k: v for k, v in result.items() if k != "predictions"}
+    print(json.dumps(summary) if as_json else
+          f"{data}: exact_match {summary['exact_match']:.2f}  f1 {summary['f1']:.2f}  ({summary['examples']} questions)")
+
+
+def _predict_joint(model_path: str, input_file: str, out: str | None, device: str) -> None:
+    """`predict` with a joint intent-slots model: intent, tags and slot values per line."""
+    from llmkit.io.encoders import load_encoder
+    from llmkit.train.multitask import run_predict_joint
+    from llmkit.utils import atomic_open
+
+    net, tokenizer = load_encoder(model_path, device)
+    lines, metrics = run_predict_joint(net, tokenizer, input_file)
+    if out is None:
+        sys.stdout.writelines(lines)
+    else:
+        with atomic_open(out, encoding="utf-8") as f:
+            f.writelines(lines)
+    if metrics is not None:
+        print(f"{metrics['examples']} labelled examples: intent_accuracy {metrics['intent_accuracy']:.4f}  "
+              f"slot_f1 {metrics['slot_f1']:.4f}", file=sys.stderr)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or a short name"),
+    out: str = typer.Option(..., "--out", help="output llmkit model dir"),
+    sparsity: float = typer.Option(None, "--sparsity", help="unstructured: fraction of weights to zero, in [0, 1)"),
+    pattern: str = typer.Option(None, "--pattern", help="semi-structured N:M, e.g. 2:4"),
+    method: str = typer.Option("magnitude", "--method", help="--sparsity/--pattern scores: magnitude or wanda"),
+    scope: str = typer.Option("row", "--scope", help="--sparsity compared per row, per layer, or global"),
+    params: str = typer.Option(None, "--params", help="structured: target size, e.g. 90M (solves the MLP width)"),
+    layers: int = typer.Option(None, "--layers", help="structured: layers to keep"),
+    heads: int = typer.Option(None, "--heads", help="structured: query heads per layer to keep (whole KV groups)"),
+    mlp: int = typer.Option(None, "--mlp", help="structured: MLP channels per layer to keep"),
+    calib: str = typer.Option(None, "--calib", help="calibration text file (wanda and structured)"),
+    calib_tokens: int = typer.Option(8192, "--calib-tokens", help="calibration tokens for activation statistics"),
+    layer_tokens: int = typer.Option(1024, "--layer-tokens", help="calibration tokens for layer-removal losses"),
+):
+    """Prune a model: zero weights (magnitude, Wanda, 2:4) or remove layers/heads/channels for a smaller one."""
+    from llmkit.compress.prune import run_prune
+
+    s = run_prune(model, out, sparsity=sparsity, method=method, scope=scope, pattern=pattern, params=params,
+                  layers=layers, heads=heads, mlp=mlp, calib=calib, calib_tokens=calib_tokens,
+                  layer_tokens=layer_tokens, log=lambda line: print(line, file=sys.stderr))
+    what = (f"{s['layers']} layers, {s['heads']} heads, MLP {s['mlp']}" if s["kind"] == "structured"
+            else f"{s['sparsity']:.1%} of block weights zeroed ({s['method']})")
+    print(f"{s['params_before']:,} -> {s['params_after']:,} parameters ({what}); saved to {out}")
 
 
 def main() -> None:

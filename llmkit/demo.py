@@ -61,7 +61,8 @@ def run(out_dir: str | Path = "runs/demo", max_steps: int | None = None, chat: b
     steps = max_steps or DEMO_TRAIN["max_steps"]
     config = TrainConfig(**{**DEMO_TRAIN, "max_steps": steps, "lr_decay_steps": steps,
                             "eval_interval": min(DEMO_TRAIN["eval_interval"], steps)},
-                         data_dir=str(data_dir), out_dir=str(model_dir), model=dict(DEMO_MODEL))
+                         data_dir=str(data_dir), out_dir=str(model_dir), model=dict(DEMO_MODEL),
+                         overwrite=True)  # the demo starts over each time
     trainer = Trainer(config)
     say(f"== 3. training a {trainer.raw_model.num_params() / 1e6:.2f}M-parameter Llama-style GPT "
         f"for {steps} steps ({config.batch_size}x{config.block_size} tokens each)")

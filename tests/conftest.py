@@ -107,6 +107,15 @@ def make_data_dir(root: Path) -> Path:
     return root / "data"
 
 
+def trained_tiny_model(root: Path, steps: int = 3, **overrides) -> tuple[Path, Path]:
+    """(data dir, model dir) of a tiny model trained for `steps` steps under `root`."""
+    from llmkit.train.trainer import Trainer
+
+    data = make_data_dir(root)
+    Trainer(tiny_config(data, root / "model", max_steps=steps, **overrides)).fit()
+    return data, root / "model"
+
+
 def tiny_config(data_dir, out_dir, model=None, **overrides) -> TrainConfig:
     """A model small enough that a training step takes milliseconds."""
     base = dict(data_dir=str(data_dir), out_dir=str(out_dir), preset="char-tiny",

@@ -13,7 +13,7 @@ from llmkit.errors import LlmkitError
 from llmkit.infer.generate import (Completion, IncrementalDecoder, SamplingParams, apply_repetition_penalty, generate,
                              sample_next, stream, top_k_filter, top_p_filter)
 from llmkit.model.decoder import GPT
-from llmkit.model.layers import KVCache
+from llmkit.model.cache import KVCache
 from llmkit.tokenizer import Tokenizer
 
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -36,17 +36,18 @@ class ScriptedModel(torch.nn.Module):
         self.scripts = scripts
         self.calls = []
 
-    def new_cache(self, batch_size, max_len=None):
+    def new_cache(self, batch_size, max_len=None, static=False):
         return KVCache(0, batch_size, 1, max_len or self.config.block_size, 1)
 
-    def forward(self, idx, targets=None, *, cache, positions=None, attn_mask=None, last_only=False):
-        step = len(self.calls) if cache.pos else 0
+    def forward(self, idx, targets=None, *, cache, lengths=None, last_only=False):
+        step = len(self.calls) if max(cache.lengths) else 0
+        cache.begin(*idx.shape)
         self.calls = self.calls[:step] + [idx.shape[0]]
         logits = torch.zeros(idx.shape[0], 1, self.config.vocab_size)
         for row in range(idx.shape[0]):
             script = self.scripts[row % len(self.scripts)]
             logits[row, 0, script[min(step, len(script) - 1)]] = 10.0
-        cache.advance(idx.shape[1])
+        cache.advance(idx.shape[1] if lengths is None else lengths)
         return logits, None
 
 
@@ -173,7 +174,7 @@ def test_eos_ends_a_row_and_finished_rows_stop(tok):
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
-def test_left_padded_batch_equals_single_prompts(tok, style):
+def test_batch_of_different_lengths_equals_single_prompts(tok, style):
     model = tiny_gpt(tok, style)
     prompts = ["To be, or not", "the", "Café crème, naïve façade — whether 'tis nobler"]
     batched = generate(model, tok, prompts, max_new_tokens=12, temperature=0)

@@ -14,6 +14,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from llmkit.errors import LlmkitError  # noqa: E402
+from llmkit.infer.cpu import optimize_for_inference  # noqa: E402
 from llmkit.infer.generate import generate  # noqa: E402
 from llmkit.io.gguf import load_gguf  # noqa: E402
 from llmkit.io.resolve import convert, embedded_model_path, resolve_model  # noqa: E402
@@ -193,6 +194,7 @@ NEW_TOKENS = 48
 def smollm():
     path = embedded_model_path("smollm2-135m-instruct")
     ours, tok = resolve_model("smollm2-135m-instruct")
+    optimize_for_inference(ours)  # as `llmkit generate` and `llmkit chat` run it: the CPU kernels included
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     ref_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

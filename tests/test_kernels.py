@@ -1,4 +1,4 @@
-"""llmkit.infer.kernels: the CPU decoding kernels against PyTorch's own ops, and the model paths that take them."""
+"""llmkit.infer.kernels: the CPU decoding kernels against PyTorch's own ops, and the swapped-in model paths that take them."""
 import os
 import subprocess
 import sys
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from llmkit.infer import kernels
 from llmkit.model.config import preset
+from llmkit.infer.cpu import optimize_for_inference
 from llmkit.model.decoder import GPT
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="llmkit's CPU kernels need AVX2 and a C++ compiler")
@@ -56,10 +57,10 @@ def test_decode_attention_equals_sdpa(B, H, K, D, S, two_threads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rms_norm_equals_the_module(dtype, two_threads):
-    from llmkit.model.layers import RMSNorm
+    from llmkit.infer.cpu import CpuRMSNorm
 
     torch.manual_seed(0)
-    norm = RMSNorm(576, eps=1e-5).to(dtype)
+    norm = CpuRMSNorm(576, eps=1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(576))
     for shape in [(1, 1, 576), (3, 150, 576)]:   # one decode row; a batch of prompts across threads
@@ -67,7 +68,7 @@ def test_rms_norm_equals_the_module(dtype, two_threads):
         expected = norm(x)  # gradients enabled: the module's own PyTorch ops
         with torch.no_grad():
             got = kernels.rms_norm(x, norm.weight, norm.eps)
-            assert torch.equal(norm(x), got)  # the module takes the kernel at inference
+            assert torch.equal(norm(x), got)  # the swapped module takes the kernel at inference
         # the mean of squares summed in another order: at most one rounding of the output apart
         torch.testing.assert_close(got, expected)
 
@@ -86,6 +87,7 @@ def test_decoding_with_kernels_matches_pytorch(name, monkeypatch):
     torch.manual_seed(0)
     model = GPT(preset(name, n_layer=2, n_head=4, n_kv_head=2 if name == "llama-tiny" else 4, n_embd=64,
                        vocab_size=97, block_size=64)).eval()
+    optimize_for_inference(model)
     matvecs, attentions = count_calls(monkeypatch, "matvec"), count_calls(monkeypatch, "decode_attention")
     ids = torch.randint(0, 97, (1, 12))
 
@@ -112,10 +114,11 @@ def test_without_a_compiler_pytorch_decodes(tmp_path):
 import warnings, torch
 from llmkit.infer import kernels
 from llmkit.model.config import preset
+from llmkit.infer.cpu import optimize_for_inference
 from llmkit.model.decoder import GPT
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    model = GPT(preset("llama-tiny", n_layer=1, vocab_size=50)).eval()
+    model = optimize_for_inference(GPT(preset("llama-tiny", n_layer=1, vocab_size=50)).eval())
     with torch.inference_mode():
         cache = model.new_cache(1, 4)
         model(torch.zeros(1, 2, dtype=torch.long), cache=cache)

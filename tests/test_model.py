@@ -9,8 +9,7 @@ from llmkit.io.checkpoint import WEIGHTS_FILE, load_checkpoint, save_checkpoint
 from llmkit.model.config import ModelConfig, preset
 from llmkit.errors import LlmkitError
 from llmkit.model.decoder import GPT
-from llmkit.model import layers
-from llmkit.model.layers import RMSNorm, SinusoidalPositions, matmul_attention
+from llmkit.model.layers import RMSNorm, SinusoidalPositions
 
 STYLES = {
     "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
@@ -39,7 +38,7 @@ def test_kv_cache_matches_full_forward(style):
         cache = model.new_cache(2, 24)
         steps = [model(idx[:, :6], cache=cache)[0]]
         steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(6, 20)]
-        assert cache.pos == 20
+        assert cache.lengths == [20, 20]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
         # chunked prefill: uneven chunks, each attending to the cached ones
         cache = model.new_cache(2)
@@ -48,41 +47,36 @@ def test_kv_cache_matches_full_forward(style):
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_left_padded_rows_match_unpadded(style):
-    """A left-padded batch with attn_mask and per-row positions gives each row its own logits."""
+def test_rows_of_different_lengths_match_unpadded(style):
+    """A right-padded batch told each row's length, then steps with each row at its own position:
+    every row gets the logits it has alone."""
     model = make(style)
     gen = torch.Generator().manual_seed(2)
     rows = [torch.randint(0, 97, (n,), generator=gen) for n in (9, 5, 1)]
-    P = 9
-    idx = torch.zeros(3, P, dtype=torch.long)
-    mask = torch.zeros(3, P, dtype=torch.bool)
-    positions = torch.zeros(3, P, dtype=torch.long)
+    idx = torch.zeros(3, 9, dtype=torch.long)
     for i, r in enumerate(rows):
-        idx[i, P - len(r):], mask[i, P - len(r):] = r, True
-        positions[i, P - len(r):] = torch.arange(len(r))
+        idx[i, :len(r)] = r
     with torch.no_grad():
-        cache = model.new_cache(3, P + 2)
-        batched, _ = model(idx, cache=cache, positions=positions, attn_mask=mask)
+        cache = model.new_cache(3, 11)
+        last, _ = model(idx, cache=cache, lengths=[9, 5, 1], last_only=True)
+        assert cache.lengths == [9, 5, 1]
         nxt = torch.tensor([[3], [4], [5]])
-        step, _ = model(nxt, cache=cache, positions=positions[:, -1:] + 1,
-                        attn_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.bool)], 1))
+        step, _ = model(nxt, cache=cache)
         for i, r in enumerate(rows):
             alone, _ = model(torch.cat([r, nxt[i]])[None])
-            assert torch.isfinite(batched[i]).all()
-            torch.testing.assert_close(batched[i, P - len(r):], alone[0, :-1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(last[i, 0], alone[0, len(r) - 1], atol=1e-5, rtol=0)
             torch.testing.assert_close(step[i, 0], alone[0, -1], atol=1e-5, rtol=0)
 
 
 def test_padding_mask_never_leaves_a_query_without_keys():
-    attn_mask = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
-    mask, causal = GPT._attention_mask(4, 1, attn_mask, "cpu")  # slots 1..4 are new, slot 1 is padding
-    assert mask.shape == (2, 1, 4, 5) and not causal
-    padded = [[0, 1, 0, 0, 0],   # a padding query sees only itself: no empty (NaN) softmax row
-              [0, 0, 1, 0, 0],   # real queries never see padding
-              [0, 0, 1, 1, 0],
-              [0, 0, 1, 1, 1]]
+    mask = GPT._padding_mask(torch.tensor([[True, True, False, False], [True, True, True, True]]))
+    assert mask.shape == (2, 1, 4, 4)
+    padded = [[1, 0, 0, 0],
+              [1, 1, 0, 0],   # real queries never see padding
+              [1, 1, 1, 0],   # a padding query sees its own slot: no empty (NaN) softmax row
+              [1, 1, 0, 1]]
     assert torch.equal(mask[0, 0], torch.tensor(padded).bool())
-    assert torch.equal(mask[1, 0], torch.ones(4, 5).tril(1).bool())
+    assert torch.equal(mask[1, 0], torch.ones(4, 4).tril().bool())
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
@@ -92,51 +86,10 @@ def test_bf16_cache_matches_full_forward(style):
     with torch.no_grad():
         full, _ = model(idx)
         cache = model.new_cache(2, 12)
-        assert cache.k[0].dtype == torch.float32  # on CPU: float32 attention beside bf16 weights
+        assert cache.k[0].dtype == torch.bfloat16  # the plain model caches in its weights' dtype
         stepped = torch.cat([model(idx[:, :5], cache=cache)[0], model(idx[:, 5:], cache=cache)[0]], 1)
     assert full.dtype == torch.bfloat16
     torch.testing.assert_close(stepped.float(), full.float(), atol=2e-2, rtol=0)
-
-
-def test_half_precision_linears_over_many_rows_run_in_float32():
-    """CPU bf16/fp16 GEMMs of >= 8 rows are computed as upcast fp32 GEMMs; one-row products are not."""
-    weight, bias = torch.randn(48, 32).to(torch.bfloat16), torch.randn(48).to(torch.bfloat16)
-    many, one = torch.randn(2, 4, 32).to(torch.bfloat16), torch.randn(1, 32).to(torch.bfloat16)
-    with layers.HalfMatmulsInFloat32():
-        got_many = torch.nn.functional.linear(many, weight, bias)
-        got_one = torch.nn.functional.linear(one, weight, bias=bias)
-    assert got_many.dtype == torch.bfloat16
-    assert torch.equal(got_many, torch.nn.functional.linear(many.float(), weight.float(), bias.float()).to(torch.bfloat16))
-    assert torch.equal(got_one, torch.nn.functional.linear(one, weight, bias))
-
-
-def test_bf16_prefill_uses_float32_matmuls_only_without_native_support(monkeypatch):
-    model = make("llama").to(torch.bfloat16)
-    idx = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))
-    seen = []
-    real = layers.HalfMatmulsInFloat32.__torch_function__
-
-    def spy(self, func, types, args=(), kwargs=None):
-        seen.append(func)
-        return real(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(layers.HalfMatmulsInFloat32, "__torch_function__", spy)
-    monkeypatch.setattr(layers, "cpu_has_half_matmuls", lambda dtype: False)
-    with torch.no_grad():
-        upcast, _ = model(idx)
-        assert torch.nn.functional.linear in seen
-        seen.clear()
-        model(idx[:, :1])  # a single row: left in bf16
-        model.train()
-        with torch.enable_grad():
-            model(idx)  # training: untouched
-        assert not seen
-        model.eval()
-        monkeypatch.setattr(layers, "cpu_has_half_matmuls", lambda dtype: True)
-        native, _ = model(idx)
-        assert not seen
-    # same products, fp32 accumulation either way: only the bf16 rounding of intermediates may differ
-    assert (upcast.float() - native.float()).abs().max() < 0.1 * native.float().abs().max()
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -316,35 +269,6 @@ def test_llama_style_matches_transformers():
     idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("style", ["gpt2", "llama"])  # llama: grouped-query heads
-def test_short_cpu_attention_path_matches_sdpa(style, monkeypatch):
-    """Short CPU sequences attend through matmul_attention; loss and every gradient equal SDPA's."""
-    gen = torch.Generator().manual_seed(11)
-    idx, targets = torch.randint(0, 97, (3, 32), generator=gen), torch.randint(0, 97, (3, 32), generator=gen)
-    calls = []
-    monkeypatch.setattr(layers, "matmul_attention", lambda *a, **k: calls.append(1) or matmul_attention(*a, **k))
-    results = {}
-    for short in (layers.SHORT_ATTENTION, 0):  # 0: every length takes SDPA
-        monkeypatch.setattr(layers, "SHORT_ATTENTION", short)
-        model = make(style).train()
-        loss = model(idx, targets)[1]
-        loss.backward()
-        results[short] = (loss, {n: p.grad for n, p in model.named_parameters()})
-    assert len(calls) == 2  # one per layer, in the first run only
-    (loss_mm, grads_mm), (loss_sdpa, grads_sdpa) = results.values()
-    torch.testing.assert_close(loss_mm, loss_sdpa, atol=1e-6, rtol=1e-6)
-    for name, grad in grads_sdpa.items():
-        torch.testing.assert_close(grads_mm[name], grad, atol=1e-6, rtol=1e-5, msg=name)
-
-
-def test_matmul_attention_drops_attention_weights_in_training():
-    q = k = v = torch.randn(2, 2, 8, 4)
-    torch.testing.assert_close(matmul_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    torch.manual_seed(0)
-    dropped = matmul_attention(q, k, v, dropout_p=0.5)
-    assert not torch.allclose(dropped, matmul_attention(q, k, v))
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ import torch
 
 from llmkit.io.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import generate
-from llmkit.serve.engine import Engine, QueueFull, SamplingParams
-from llmkit.serve.prefill import Prefiller, copy_pieces
+from llmkit.infer.generate import SamplingParams, generate
+from llmkit.serve.engine import Engine, QueueFull
+from llmkit.serve.prefill import Prefiller
 from conftest import make_tiny_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,8 +50,9 @@ PROMPTS = ["The king", "Soldiers march home through rain to find their hearts ol
 
 
 def test_continuous_batching_matches_one_at_a_time(tiny):
-    """Sequences joining and leaving a running batch (right shifts for long newcomers, compaction in a
-    64-slot context) produce exactly the greedy text of llmkit.infer.generate run on each prompt alone."""
+    """Sequences joining and leaving a running batch (each row at its own length, rows moved into the
+    holes others leave, a 64-slot context) produce exactly the greedy text of llmkit.infer.generate run on
+    each prompt alone."""
     model, tok = tiny
     lengths = [20 + 2 * (i % 3) for i in range(len(PROMPTS))]
     expected = [generate(model, tok, p, max_new_tokens=n, temperature=0) for p, n in zip(PROMPTS, lengths)]
@@ -60,7 +61,7 @@ def test_continuous_batching_matches_one_at_a_time(tiny):
     async def go():
         jobs = []
         for i, (prompt, n) in enumerate(zip(PROMPTS, lengths)):
-            jobs.append(engine.submit([tok.encode(prompt)], SamplingParams(max_tokens=n, temperature=0)))
+            jobs.append(engine.submit([tok.encode(prompt)], SamplingParams(max_new_tokens=n, temperature=0)))
             await asyncio.sleep(0.01 * i)  # arrive while others are mid-decode
         return [await collect(job) for job in jobs]
 
@@ -75,7 +76,7 @@ def test_continuous_batching_matches_one_at_a_time(tiny):
 
 
 def test_prefill_batches_and_reuses_prefixes_exactly(tiny):
-    """Batched, left-padded prefill with a shared prefix (computed once, later copied from the kept
+    """Batched, right-padded prefill with a shared prefix (computed once, later copied from the kept
     prompt) gives each prompt the logits and keys/values it gets when prefilled alone."""
     model, tok = tiny
     prefiller = Prefiller(model)
@@ -86,13 +87,13 @@ def test_prefill_batches_and_reuses_prefixes_exactly(tiny):
     rounds = [batch, batch, [batch[2] + tok.encode(" under a pale moon")], [tok.encode("Soldiers")]]
     with torch.inference_mode():
         for prompts in rounds:
-            logits, pieces = prefiller(prompts)
+            logits, sources = prefiller(prompts)
             for i, prompt in enumerate(prompts):
                 alone = model.new_cache(1, len(prompt))
                 want = model(torch.tensor([prompt]), cache=alone, last_only=True)[0][0, -1]
                 assert torch.allclose(logits[i], want, atol=1e-4)
                 got = model.new_cache(1, len(prompt))
-                copy_pieces(got, 0, pieces[i], len(prompt))
+                got.copy_row(0, *sources[i], len(prompt))
                 for a, b in zip(got.k + got.v, alone.k + alone.v):
                     assert torch.allclose(a, b, atol=1e-4)
     # rounds 1 and 2: the prefix runs once for three rows (round 2 copies even that from the kept
@@ -103,7 +104,7 @@ def test_prefill_batches_and_reuses_prefixes_exactly(tiny):
 def test_choices_share_a_prefill_and_seeds_reproduce(tiny):
     model, tok = tiny
     engine = Engine(model, tok, max_batch=4)
-    params = SamplingParams(max_tokens=12, temperature=1.0, seed=1234)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=1234)
 
     async def go():
         a = await collect(engine.submit([tok.encode("The king")], params, n=3))
@@ -124,7 +125,7 @@ def test_stop_string_ends_the_sequence(tiny):
     assert stop and stop in free
 
     async def go():
-        return await collect(engine.submit([prompt], SamplingParams(max_tokens=20, temperature=0, stop=(stop,))))
+        return await collect(engine.submit([prompt], SamplingParams(max_new_tokens=20, temperature=0, stop=(stop,))))
 
     text, _, finish = run(engine, go)[0]
     assert finish == "stop" and stop not in text and free.startswith(text)
@@ -134,7 +135,7 @@ def test_cancel_and_timeout_free_their_rows(tiny):
     model, tok = tiny
     engine = Engine(model, tok, max_batch=2, max_queue=4, context=256, timeout=None)
     # ignore_eos: a sampled end-of-text would free a row early and admit the waiting request
-    long = SamplingParams(max_tokens=200, temperature=1.0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=200, temperature=1.0, ignore_eos=True)
 
     async def go():
         job = engine.submit([tok.encode("a")], long, n=2)
@@ -156,7 +157,7 @@ def test_cancel_and_timeout_free_their_rows(tiny):
     engine = Engine(model, tok, max_batch=1, timeout=1e-6)
 
     async def timed_out():
-        job = engine.submit([tok.encode("a")], SamplingParams(max_tokens=50))
+        job = engine.submit([tok.encode("a")], SamplingParams(max_new_tokens=50))
         return await asyncio.wait_for(job.events.get(), timeout=30)
 
     event = run(engine, timed_out)
@@ -170,11 +171,11 @@ def test_queue_pushes_back(tiny):
 
     async def go():
         # engine not started: nothing leaves the queue
-        engine.submit([tok.encode("a")], SamplingParams(max_tokens=4), n=2)
+        engine.submit([tok.encode("a")], SamplingParams(max_new_tokens=4), n=2)
         with pytest.raises(QueueFull):
-            engine.submit([tok.encode("b")], SamplingParams(max_tokens=4))
+            engine.submit([tok.encode("b")], SamplingParams(max_new_tokens=4))
         with pytest.raises(LlmkitError):
-            engine.submit([tok.encode("b")], SamplingParams(max_tokens=4), n=3)  # could never fit
+            engine.submit([tok.encode("b")], SamplingParams(max_new_tokens=4), n=3)  # could never fit
         return True
 
     assert asyncio.run(go())
@@ -195,7 +196,7 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", flaky)
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
 
     async def go():
         return [await collect(engine.submit([tok.encode("a")], params)) for _ in range(3)]
@@ -208,23 +209,24 @@ def test_engine_survives_a_failing_step(tiny, monkeypatch):
 
 
 def test_cache_grows_on_demand_and_is_released_when_idle(tiny, monkeypatch):
-    import llmkit.serve.batch_cache as batch_cache
+    import llmkit.serve.engine as engine_module
 
-    monkeypatch.setattr(batch_cache, "INITIAL_SLOTS", 8)
+    monkeypatch.setattr(engine_module, "INITIAL_SLOTS", 8)
     model, tok = tiny
     engine = Engine(model, tok, max_batch=2)
     sizes = []
-    real_grow = engine.kv._grow
+    real_reserve = engine._reserve
 
-    def grow(need):
-        real_grow(need)
-        sizes.append(engine.kv.cache.max_len)
+    def reserve(slots):
+        real_reserve(slots)
+        sizes.append(engine.decoder.cache.max_len)
 
-    engine.kv._grow = grow
+    engine._reserve = reserve
 
     async def go():
-        return await collect(engine.submit([tok.encode("the king")], SamplingParams(max_tokens=30, ignore_eos=True)))
+        return await collect(engine.submit([tok.encode("the king")],
+                                           SamplingParams(max_new_tokens=30, ignore_eos=True)))
 
     assert run(engine, go)[0][1:] == (30, "length")
     assert sizes[0] == 8 and sizes[-1] >= 32 and sizes == sorted(sizes)  # doubled as the sequence grew
-    assert engine.kv.cache is None  # nothing running: the grown cache is given back
+    assert engine.decoder is None  # nothing running: the grown cache is given back

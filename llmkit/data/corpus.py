@@ -8,6 +8,7 @@ corpus size. `RandomWindowSampler` draws random training windows from a split.
 from __future__ import annotations
 
 import codecs
+import glob
 import json
 import os
 import random
@@ -247,6 +248,8 @@ def prepare(inputs, out_dir, tokenizer, val_fraction: float = 0.1, seed: int = 0
     if out_dir.exists() and not out_dir.is_dir():
         raise LlmkitError(f"output {out_dir} exists and is not a directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):  # of an interrupted prepare
+        shutil.rmtree(leftover, ignore_errors=True)
     # Build everything in a scratch directory beside out_dir; nothing lands until it is complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

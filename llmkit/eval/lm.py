@@ -142,12 +142,14 @@ def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val",
     from pathlib import Path
 
     from llmkit.io.checkpoint import load_checkpoint
+    from llmkit.infer.cpu import optimize_for_inference
 
     if (text_file is None) == (data_dir is None):
         raise LlmkitError("give exactly one of --text FILE or --data DIR")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_checkpoint(model_dir, device=device)
+    optimize_for_inference(model)
     if text_file is not None:
         try:
             text = Path(text_file).read_text(encoding="utf-8")
@@ -329,6 +331,7 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
     loads (what `llmkit eval --mc/--gen` runs). Inputs are all read and checked before scoring."""
     from pathlib import Path
 
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
     if not (text_file or mc_file or gen_file):
@@ -344,6 +347,7 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = resolve_model(model_name, device=device)
+    optimize_for_inference(model)
     results = []
     if text is not None:
         results.append({"task": "perplexity", "source": str(text_file),

@@ -27,6 +27,7 @@ class LlmkitLM(TemplateLM):
         super().__init__()
         import torch
 
+        from llmkit.infer.cpu import optimize_for_inference
         from llmkit.io.resolve import resolve_model
 
         device = device or "auto"
@@ -34,6 +35,7 @@ class LlmkitLM(TemplateLM):
         if device == "auto" or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = resolve_model(path, device=device, dtype=dtype)
+        optimize_for_inference(self.model)
         self.path = str(path)
         # lm-eval passes "auto" or "auto:N" to ask for batch-size search; a fixed size is fine for us
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8

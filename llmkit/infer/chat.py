@@ -119,10 +119,10 @@ def ask(question: str, model="smollm2-135m-instruct", tokenizer=None, system: st
     Sampling keywords are SamplingParams fields; by default the answer is greedy (reproducible).
     """
     if tokenizer is None:
-        from llmkit.infer.compiled import decode_layout
+        from llmkit.infer.cpu import optimize_for_inference
         from llmkit.io.resolve import resolve_model
         model, tokenizer = resolve_model(model)
-        decode_layout(model)
+        optimize_for_inference(model, single_row=True)
     params = SamplingParams(**{"max_new_tokens": 256, "temperature": 0.0, **sampling})
     session = ChatSession(model, tokenizer, system=system, params=params)
     pieces = []

@@ -1,9 +1,11 @@
-"""Text generation: logits processing and sampling as small pure functions, then the decoding loop.
+"""Text generation: logits processing and sampling as small pure functions, then the one decode path.
 
 The functions at the top (repetition penalty, top-k, top-p, sample_next) and the two text helpers
-(IncrementalDecoder, Completion) know nothing about batching or caches, so a server running its
-own continuous-batching loop reuses them as they are. `generate` and `stream` run the simple loop:
-left-pad the prompts, one prefill over all of them, then one token per row per step with the KV cache.
+(IncrementalDecoder, Completion) know nothing about batching or caches. `Decoder` is the decode
+path every caller takes (generate, stream, chat, the server's continuous batching): one KV cache
+whose rows each keep their own length, so prompts of any lengths batch without padding on the
+left, `prefill` runs them, `step` advances every row by one token; `compile=True` runs the steps
+through a torch.compile'd block over a static cache.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.model.decoder import Block
 
 # ---- logits processing: (B, V) logits in, (B, V) logits out ---------------------------------
 
@@ -76,7 +79,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()      # strings that end a completion (not included in it)
     seed: int | None = None         # None: the global torch RNG
+    ignore_eos: bool = False        # go on past the tokenizer's stop tokens (benchmarks)
     json_schema: dict | None = None  # constrain the output to JSON following it (structured.py)
+    # the server's per-row processing (serve/sampling.py) reads these; generate() does not
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None     # report each token's log-probability and this many alternatives
+    grammar: str | None = None      # an llguidance grammar (structured.py) the output must follow
 
     def __post_init__(self):
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -92,6 +102,13 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise LlmkitError(message)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           history=None) -> torch.Tensor:
+    """Next ids for (B, V) logits under `params`; history: ids so far, for the repetition penalty."""
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    return sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
 
 
 # ---- text helpers ---------------------------------------------------------------------------
@@ -182,7 +199,78 @@ class Completion:
         return held
 
 
-# ---- the decoding loop ----------------------------------------------------------------------
+# ---- the decode path -------------------------------------------------------------------------
+
+
+def _block_step(block, x, rope, cache, mask, causal):
+    return Block.forward(block, x, rope, cache, mask, causal)
+
+
+_compiled_block_step = None
+
+
+class CompiledBlock(Block):
+    """A decoder block whose one-token steps over a static cache run one torch.compile'd graph.
+
+    Decoding one token runs ~40 small ops per layer, each a dispatch (and, with threads, an OpenMP
+    fork/join); inductor fuses norms, RoPE, SiLU * up and residual adds around the matmuls. The
+    weights are graph inputs, so one compiled graph serves every layer and compile time is that of
+    one block. Installed (by type, in place) when a Decoder is made with compile=True."""
+
+    def forward(self, x, rope=None, cache=None, mask=None, causal=True):
+        global _compiled_block_step
+        if cache is None or x.shape[1] != 1 or getattr(cache, "last_slot", None) is None:
+            return _block_step(self, x, rope, cache, mask, causal)
+        if _compiled_block_step is None:
+            _compiled_block_step = torch.compile(_block_step, dynamic=False, fullgraph=True)
+        return _compiled_block_step(self, x, rope, cache, mask, causal)
+
+
+class Decoder:
+    """`batch_size` rows of up to `max_len` tokens in one KV cache, and the model steps over them.
+
+        dec = Decoder(model, batch_size=2, max_len=600)
+        logits = dec.prefill([[1, 2, 3], [4, 5]])   # prompts of any lengths -> (2, V) after each
+        logits = dec.step(torch.tensor([7, 8]))      # one more token per row -> (2, V)
+
+    prefill and step run rows 0..n-1 of the cache (`cache.lengths[r]` tokens each so far). With
+    compile=True the cache is static: rows move in lockstep (equal prompt lengths) and every step
+    has the same shapes, so after the first step the compiled graph's guards are skipped.
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int, compile: bool = False, cache=None):
+        if compile and (model.training or model.config.pos == "sinusoidal"):
+            raise LlmkitError("compiled decoding needs a model in eval mode with learned or rotary positions")
+        self.model, self.compile, self._warm = model, compile, False
+        self.cache = cache if cache is not None else model.new_cache(batch_size, max_len, static=compile)
+        if compile:
+            from llmkit.infer.cpu import recast, swap_modules
+
+            swap_modules(model, {Block: recast(CompiledBlock)})
+
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Append each prompt to its row (0..n-1; rows right-padded to the longest); (n, V) logits."""
+        device = self.cache.k[0].device if self.cache.k else None
+        lengths = [len(p) for p in prompts]
+        idx = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for i, ids in enumerate(prompts):
+            idx[i, :len(ids)] = torch.tensor(ids)
+        ragged = min(lengths) != max(lengths)
+        if ragged and self.compile:
+            raise LlmkitError("compiled decoding runs prompts of equal length only")
+        return self.model(idx.to(device), cache=self.cache, lengths=lengths if ragged else None,
+                          last_only=True)[0][:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token (B,) to each of rows 0..B-1; (B, V) logits after it."""
+        if not self._warm:  # the first step compiles and checks every guard
+            self._warm = True
+        elif self.compile:
+            # later steps have the same shapes and dtypes; checking the guards (every weight's
+            # metadata, for every layer) would cost ~0.25 ms per layer
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.model(tokens[:, None], cache=self.cache, last_only=True)[0][:, -1]
+        return self.model(tokens[:, None], cache=self.cache, last_only=True)[0][:, -1]
 
 
 def _encode_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -202,45 +290,39 @@ def _encode_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -
     return rows
 
 
-def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -> Iterator[tuple[int, str]]:
+def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams,
+                 compile: bool = False) -> Iterator[tuple[int, str]]:
     """Yield (row index, text piece) while the batch decodes; finished rows stop producing text.
 
     inference_mode is entered around each step, never across a yield, so the caller's code between
     pieces runs with autograd as it expects."""
     prompt_ids = _encode_prompts(model, tokenizer, prompts, params.max_new_tokens)
-    rows = [Completion(tokenizer, ids, params.stop, tokenizer.stop_ids) for ids in prompt_ids]
+    stop_ids = () if params.ignore_eos else tokenizer.stop_ids
+    rows = [Completion(tokenizer, ids, params.stop, stop_ids) for ids in prompt_ids]
     if params.max_new_tokens == 0:
         return
     device = next(model.parameters()).device
     B, N = len(rows), params.max_new_tokens
     lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)
-    P = int(lengths.max())
-    padded = bool((lengths != P).any())
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    history = torch.full((B, P + N), -1, dtype=torch.long, device=device)  # -1: padding / not yet sampled
+    history = torch.full((B, int(lengths.max()) + N), -1, dtype=torch.long, device=device)  # -1: none yet
     for i, ids in enumerate(prompt_ids):
-        history[i, P - len(ids):P] = torch.tensor(ids, device=device)
-    # left padding: every row's last prompt token sits in slot P-1, so all rows decode in lockstep
-    key_mask = torch.arange(P + N, device=device) >= (P - lengths)[:, None]  # (B, P+N) True = real token
+        history[i, :len(ids)] = torch.tensor(ids, device=device)
     generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            cache = model.new_cache(B, P + N)
-            idx = history[:, :P].clamp(min=0).masked_fill(~key_mask[:, :P], pad_id)
-            positions = (torch.arange(P, device=device) - (P - lengths)[:, None]).clamp(min=0) if padded else None
-            logits = model(idx, cache=cache, positions=positions,
-                           attn_mask=key_mask[:, :P] if padded else None, last_only=True)[0][:, -1]
+            decoder = Decoder(model, B, history.shape[1], compile=compile)
+            logits = decoder.prefill(prompt_ids)
         constraints = _constraints(tokenizer, params.json_schema, B, logits.shape[-1])
         for step in range(N):
             with torch.inference_mode():
-                logits = apply_repetition_penalty(logits.float(), history[:, :P + step], params.repetition_penalty)
+                logits = logits.float()
                 for i, constraint in enumerate(constraints):
                     if not rows[i].done:
                         constraint.apply(logits[i])
-                tokens = sample_next(logits, params.temperature, params.top_k, params.top_p, generator)
-                history[:, P + step] = tokens
+                tokens = sample(logits, params, generator, history)
+                history[torch.arange(B, device=device), lengths + step] = tokens
             for i, token in enumerate(tokens.tolist()):
                 if not rows[i].done:
                     if constraints:
@@ -251,9 +333,7 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams) -
             if all(row.done for row in rows):
                 break
             with torch.inference_mode():
-                positions = (lengths + step)[:, None] if padded else None
-                logits = model(tokens[:, None], cache=cache, positions=positions,
-                               attn_mask=key_mask[:, :P + step + 1] if padded else None, last_only=True)[0][:, -1]
+                logits = decoder.step(tokens)
     finally:
         model.train(was_training)
 
@@ -276,22 +356,24 @@ def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     return SamplingParams(**{**params.__dict__, **overrides}) if overrides else params
 
 
-def generate(model, tokenizer, prompts: str | list[str], params: SamplingParams | None = None,
-             **overrides) -> str | list[str]:
+def generate(model, tokenizer, prompts: str | list[str], params: SamplingParams | None = None, *,
+             compile: bool = False, **overrides) -> str | list[str]:
     """Completions of one prompt (str in, str out) or a batch (list in, list out).
-    Keyword overrides are SamplingParams fields, e.g. generate(m, tok, "Hi", max_new_tokens=20)."""
+    Keyword overrides are SamplingParams fields, e.g. generate(m, tok, "Hi", max_new_tokens=20);
+    compile=True decodes through compiled steps (prompts of equal token length)."""
     params = _params(params, overrides)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if not batch:
         return []
     pieces: list[list[str]] = [[] for _ in batch]
-    for i, piece in _decode_rows(model, tokenizer, batch, params):
+    for i, piece in _decode_rows(model, tokenizer, batch, params, compile):
         pieces[i].append(piece)
     texts = ["".join(p) for p in pieces]
     return texts[0] if isinstance(prompts, str) else texts
 
 
-def stream(model, tokenizer, prompt: str, params: SamplingParams | None = None, **overrides) -> Iterator[str]:
+def stream(model, tokenizer, prompt: str, params: SamplingParams | None = None, *, compile: bool = False,
+           **overrides) -> Iterator[str]:
     """The completion of one prompt as text pieces, token by token; they join to generate()'s result."""
-    for _, piece in _decode_rows(model, tokenizer, [prompt], _params(params, overrides)):
+    for _, piece in _decode_rows(model, tokenizer, [prompt], _params(params, overrides), compile):
         yield piece

@@ -8,9 +8,9 @@
 
 Decoding one token reads every weight once, so its speed is how fast the matrix-vector products
 stream the weights from memory, plus the cost of many tiny ops on single rows; kernels.cpp says what
-each kernel gains over PyTorch's own. The model's layers call them through the `*_applies` checks
-(CPU, no autograd, supported dtypes and layouts; one row for matvec and decode_attention), so
-training never sees them. The build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU
+each kernel gains over PyTorch's own. The modules llmkit.infer.cpu swaps into a model at load time
+call them through the `*_applies` checks (CPU, no autograd, supported dtypes and layouts; one row
+for matvec and decode_attention); training runs the plain modules and never sees them. The build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU
 with AVX2 and FMA; it takes ~15 s once, then the library is reused from ~/.cache/llmkit (or
 $LLMKIT_CACHE). Where it cannot be built, `available()` is False and callers keep PyTorch's
 kernels: nothing else changes.

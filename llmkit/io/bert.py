@@ -41,10 +41,13 @@ _TOP_MAP = {
     "cls.predictions.transform.LayerNorm": "mlm.norm",
     "lm_head.dense": "mlm.dense",
     "lm_head.layer_norm": "mlm.norm",
+    # next-sentence prediction (BertForPreTraining): the pooler and the 2-way classifier
+    "pooler.dense": "nsp.pooler",
+    "cls.seq_relationship": "nsp.classifier",
 }
 _MLM_BIAS = ("cls.predictions.bias", "lm_head.bias")
-# Weights an encoder without next-sentence/pooler heads has no use for; decoder weights are tied to embed.
-_IGNORED = re.compile(r"(^embeddings\.position_ids$|^pooler\.|^cls\.seq_relationship\.|decoder\.(weight|bias)$)")
+# Buffers, and decoder weights (tied to embed); the pooler and NSP weights are kept only with NSP (load_hf_encoder).
+_IGNORED = re.compile(r"(^embeddings\.position_ids$|decoder\.(weight|bias)$)")
 
 
 def is_hf_encoder_dir(path) -> bool:
@@ -75,8 +78,9 @@ def config_from_hf(hf: dict, pooling: str = "mean", normalize: bool = True) -> E
         init_std=hf.get("initializer_range", 0.02))
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """Rename HF BERT/RoBERTa weights (with or without the `bert.` prefix) to llmkit's Encoder names."""
+def convert_state_dict(state: dict[str, torch.Tensor], n_layer: int, nsp: bool = False) -> dict[str, torch.Tensor]:
+    """Rename HF BERT/RoBERTa weights (with or without the `bert.` prefix) to llmkit's Encoder names;
+    the pooler and next-sentence weights are kept (as nsp.*) only when `nsp`."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
@@ -84,7 +88,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str
             name = name.removeprefix(prefix)
         # TF-era checkpoints call LayerNorm parameters gamma/beta
         name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
-        if _IGNORED.search(name):
+        if _IGNORED.search(name) or (not nsp and name.startswith(("pooler.", "cls.seq_relationship."))):
             continue
         if name in _MLM_BIAS:
             out["mlm.bias"] = tensor
@@ -112,6 +116,18 @@ def convert_state_dict(state: dict[str, torch.Tensor], n_layer: int) -> dict[str
             except KeyError as e:
                 raise LlmkitError(f"layer {i} is missing attention weight {e.args[0]}") from None
     return out
+
+
+def _encoder_for(config: EncoderConfig, state: dict) -> Encoder:
+    """MLM + NSP when the checkpoint has both heads (BertForPreTraining), else MLM or a bare encoder; weights of
+    a head the model does not build (a pooler without NSP) are dropped from `state`."""
+    if "mlm.dense.weight" in state and "nsp.classifier.weight" in state:
+        from llmkit.model.heads import PretrainingEncoder
+
+        return PretrainingEncoder(config)
+    for name in [k for k in state if k.startswith("nsp.")]:
+        del state[name]
+    return Encoder(config, task="mlm" if "mlm.dense.weight" in state else None)
 
 
 def sentence_transformers_settings(path: Path) -> dict:
@@ -164,10 +180,10 @@ def load_hf_encoder(path) -> tuple[Encoder, HFTokenizer]:
     if not weights.is_file():
         raise LlmkitError(f"{path} has no model.safetensors (llmkit imports safetensors weights only)")
     try:
-        state = convert_state_dict(load_file(str(weights)), config.n_layer)
+        state = convert_state_dict(load_file(str(weights)), config.n_layer, nsp=True)
     except (SafetensorError, OSError, ValueError) as e:
         raise LlmkitError(f"corrupt weights file {weights}: {e}") from None
-    model = Encoder(config, task="mlm" if "mlm.dense.weight" in state else None)
+    model = _encoder_for(config, state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -24,6 +24,16 @@ TOKENIZER_FILE = "tokenizer.json"
 def save_checkpoint(out_dir, model, tokenizer=None, extra: dict | None = None) -> Path:
     """Write model weights, config and tokenizer into `out_dir`, each file atomically."""
     out_dir = Path(out_dir)
+    save_weights(out_dir, model)
+    write_config(out_dir, model, extra)
+    if tokenizer is not None:
+        tokenizer.save(out_dir / TOKENIZER_FILE)
+    return out_dir
+
+
+def save_weights(out_dir, model) -> None:
+    """model.safetensors, atomically."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Tied weights share storage; safetensors refuses aliases, so store each tensor once.
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -31,12 +41,13 @@ def save_checkpoint(out_dir, model, tokenizer=None, extra: dict | None = None) -
         state.pop("lm_head.weight", None)
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
+
+
+def write_config(out_dir, model, extra: dict | None = None) -> None:
+    """config.json: the architecture, the model config and `extra` (e.g. the training step)."""
     meta = {"arch": getattr(model, "arch", "decoder"), "model": model.config.to_dict(), **(extra or {})}
-    with atomic_open(out_dir / CONFIG_FILE) as f:
+    with atomic_open(Path(out_dir) / CONFIG_FILE) as f:
         json.dump(meta, f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save(out_dir / TOKENIZER_FILE)
-    return out_dir
 
 
 def read_meta(path) -> dict:
@@ -69,6 +80,31 @@ def load_weights(model: torch.nn.Module, weights_path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def load_model_weights(model: torch.nn.Module, path: Path, meta: dict) -> None:
+    """Weights from model.safetensors, or from the shards a strategy=fsdp run wrote (gathered here)."""
+    if meta.get("sharded"):
+        from llmkit.io import sharded
+
+        sharded.load_weights(path / sharded.SHARDS, model)
+    else:
+        load_weights(model, path / WEIGHTS_FILE)
+
+
+def weight_names(path: Path, meta: dict) -> set[str]:
+    """The tensor names stored in a model directory (empty when unreadable: loading reports that)."""
+    from safetensors import safe_open
+
+    try:
+        if meta.get("sharded"):
+            from llmkit.io import sharded
+
+            return sharded.weight_names(path / sharded.SHARDS)
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            return set(f.keys())
+    except Exception:  # noqa: BLE001 - a missing or corrupt file is reported by the load that follows
+        return set()
+
+
 def load_checkpoint(path, device="cpu"):
     """Load (model, tokenizer) from an llmkit model directory."""
     from llmkit.model.decoder import GPT
@@ -80,7 +116,7 @@ def load_checkpoint(path, device="cpu"):
         raise LlmkitError(f"{path} holds a {meta['arch']!r} model, not a decoder")
     config = ModelConfig.from_dict(meta["model"])
     model = GPT(config)
-    load_weights(model, path / WEIGHTS_FILE)
+    load_model_weights(model, path, meta)
     tok_path = path / TOKENIZER_FILE
     if not tok_path.exists():
         raise LlmkitError(f"missing tokenizer {tok_path}")

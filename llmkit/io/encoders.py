@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
+from llmkit.io.checkpoint import TOKENIZER_FILE, load_model_weights, read_meta, save_checkpoint, weight_names
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder, EncoderConfig
 from llmkit.tokenizer import Tokenizer
@@ -88,12 +87,13 @@ def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
             raise LlmkitError(f"{path} holds a {meta.get('arch', 'decoder')!r} model, not an encoder")
         config = EncoderConfig.from_dict(meta["model"])
         task, labels = meta.get("task"), meta.get("labels")
-        if task is None and _has_mlm_head(path / WEIGHTS_FILE):  # pretraining checkpoints carry no task
-            task = "mlm"
+        if task is None:  # pretraining checkpoints carry no task: their heads say which
+            names = weight_names(path, meta)
+            task = ("mlm+nsp" if "nsp.classifier.weight" in names else "mlm") if "mlm.dense.weight" in names else None
         if task in ("classify", "tag"):
             check_label_file(path, labels)
-        model = Encoder(config, task, labels)
-        load_weights(model, path / WEIGHTS_FILE)
+        model = _build(config, task, labels, meta)
+        load_model_weights(model, path, meta)
         if not (path / TOKENIZER_FILE).is_file():
             raise LlmkitError(f"missing tokenizer {path / TOKENIZER_FILE}")
         tokenizer = Tokenizer.load(path)
@@ -101,12 +101,13 @@ def load_encoder(name_or_path, device="cpu") -> tuple[Encoder, Tokenizer]:
     return model.to(device).eval(), tokenizer
 
 
-def _has_mlm_head(weights: Path) -> bool:
-    try:
-        with safe_open(str(weights), "pt") as f:
-            return "mlm.dense.weight" in f.keys()
-    except Exception:  # load_weights reports a missing or corrupt file with a clear message
-        return False
+def _build(config: EncoderConfig, task, labels, meta: dict) -> Encoder:
+    """The Encoder class the checkpoint's task names: one head, several heads, or MLM + NSP."""
+    if task in ("multi", "mlm+nsp"):
+        from llmkit.model.heads import MultiTaskEncoder, PretrainingEncoder
+
+        return MultiTaskEncoder(config, meta.get("heads") or {}) if task == "multi" else PretrainingEncoder(config)
+    return Encoder(config, task, labels)
 
 
 def check_label_file(path: Path, labels) -> None:
@@ -130,6 +131,8 @@ def save_encoder(out_dir, model: Encoder, tokenizer: Tokenizer | None, extra: di
     """Model dir: config.json ("arch": "encoder", "task", "labels") + model.safetensors + tokenizer + labels.json."""
     out_dir = Path(out_dir)
     meta = {"task": model.task, **({"labels": model.labels} if model.labels else {}), **(extra or {})}
+    if hasattr(model, "head_meta"):  # a multi-task encoder: its heads' kinds, labels and loss weights
+        meta.update(model.head_meta())
     if model.labels:
         with atomic_open(out_dir / LABELS_FILE, encoding="utf-8") as f:
             json.dump({"task": model.task, "labels": model.labels}, f, indent=2, ensure_ascii=False)

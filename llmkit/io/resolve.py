@@ -111,6 +111,29 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(name_or_path):
+    """The tokenizer of any model `resolve_model` reads, without loading its weights."""
+    from llmkit.tokenizer import Tokenizer
+
+    path = resolve_path(name_or_path)
+    kind = model_format(path)
+    if kind == "gguf":
+        from llmkit.io.gguf import GGUFFile, gguf_tokenizer
+        return gguf_tokenizer(GGUFFile(path))
+    if kind == "hf":
+        from llmkit.io.hf import load_hf_tokenizer
+        from llmkit.utils import read_json
+        return load_hf_tokenizer(path, read_json(path / "config.json"))
+    return Tokenizer.load(path)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids (same vocabulary, merges and specials)."""
+    return a.hf.to_str() == b.hf.to_str() or (
+        a.hf.get_vocab(with_added_tokens=True) == b.hf.get_vocab(with_added_tokens=True) and a.eos_id == b.eos_id
+        and a.encode("def f(x):\n    return x  # ok") == b.encode("def f(x):\n    return x  # ok"))
+
+
 def _load_adapter_model(path: Path):
     """The adapter's base model (as its adapter_config.json names it) with the adapter merged in."""
     from llmkit.model.lora import load_adapter, merge_lora, read_adapter_config

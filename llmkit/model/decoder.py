@@ -1,14 +1,13 @@
 """The decoder-only Transformer: GPT-2, Llama and original-Transformer variants from one ModelConfig.
 
-forward(idx, targets=None, *, cache=None, positions=None, attn_mask=None) -> (logits, loss)
+forward(idx, targets=None, *, cache=None, lengths=None, attn_mask=None, last_only=False) -> (logits, loss)
   idx        (B, T) int64 token ids.
   targets    (B, T) int64, -100 = ignored; loss is the mean cross-entropy over the rest.
-  cache      KVCache from new_cache(): keys/values of this call go to slots cache.pos..cache.pos+T-1,
-             attention covers slots 0..cache.pos+T-1, then cache.pos += T.
-  positions  (B, T) absolute positions (left-padded batches); default cache.pos + arange(T).
-  attn_mask  (B, S) bool over the S = cache.pos + T keys, True = real token that may be attended.
-Attention is causal by slot: the query in slot s sees keys in slots <= s that attn_mask allows
-(a padding query also sees its own slot, so no row of the softmax is empty).
+  cache      KVCache (model/cache.py) from new_cache(): rows 0..B-1 each continue from their own
+             length; this call's tokens are written after it and attend causally by slot.
+  lengths    (B,) ints: how many of each row's T tokens are real (right padding); the cache keeps
+             those, and last_only takes each row's last real token. Default: all T.
+  attn_mask  (B, T) bool key mask without a cache, True = real token (padded training batches).
 """
 from __future__ import annotations
 
@@ -20,17 +19,17 @@ import torch.nn.functional as F
 
 from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import (CausalSelfAttention, KVCache, Linear, RotaryEmbedding, SinusoidalPositions,
-                                 half_matmuls_in_float32, make_mlp, make_norm)
+from llmkit.model.cache import KVCache
+from llmkit.model.layers import CausalSelfAttention, RotaryEmbedding, SinusoidalPositions, make_mlp, make_norm
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = CausalSelfAttention(config, layer_idx)
+        self.attn = CausalSelfAttention(config)
         self.mlp_norm = make_norm(config)
         self.mlp = make_mlp(config)
 
@@ -56,11 +55,12 @@ class GPT(nn.Module):
         else:
             self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.block_size)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.cache_dtype = None  # dtype of cached keys/values; None: the weights'
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -76,81 +76,59 @@ class GPT(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx, targets=None, *, cache: KVCache | None = None, positions=None, attn_mask=None,
-                last_only: bool = False):
-        """See the module docstring. `last_only` computes logits for the last position only ((B, 1, V)),
+    def forward(self, idx, targets=None, *, cache: KVCache | None = None, lengths: list[int] | None = None,
+                attn_mask=None, last_only: bool = False):
+        """See the module docstring. `last_only` computes logits for one position per row ((B, 1, V)),
         which is all a generation step needs."""
-        cfg = self.config
         B, T = idx.shape
-        start = 0
+        start, positions, mask, causal = 0, None, None, True
         if cache is not None:
-            start = cache.pos
-            if start + T > cache.max_len:
-                raise LlmkitError(f"{start + T} tokens exceed the KV cache capacity of {cache.max_len}")
+            step = cache.begin(B, T)
+            start, positions, mask, causal = step.start, step.positions, step.mask, step.causal
+        elif attn_mask is not None:
+            mask, causal = self._padding_mask(attn_mask), False
         x = self.embed(idx)
         if self.pos_embed is not None:
-            if positions is None:
-                if start + T > cfg.block_size:
-                    raise LlmkitError(f"sequence of {start + T} tokens exceeds block_size={cfg.block_size}")
-                x = x + self.pos_embed.weight[start:start + T]
-            else:
-                if int(positions.max()) >= cfg.block_size:
-                    raise LlmkitError(f"position {int(positions.max())} exceeds block_size={cfg.block_size}")
-                x = x + self.pos_embed(positions)
+            last = start + T - 1 if positions is None else int(positions.max())
+            if last >= self.config.block_size:
+                raise LlmkitError(f"position {last} exceeds block_size={self.config.block_size}")
+            x = x + (self.pos_embed.weight[start:start + T] if positions is None else self.pos_embed(positions))
         elif self.sinusoid is not None:
             (table,) = self.sinusoid(T, start, positions)
             x = x * self.embed_scale + table.to(x.dtype)
         rope = self.rope(T, start, positions) if self.rope is not None else None
         if self.drop is not None:
             x = self.drop(x)
-        mask, causal = self._attention_mask(T, start, attn_mask, idx.device)
-        with half_matmuls_in_float32(self.embed.weight, B * T):
-            for block in self.blocks:
-                x = block(x, rope, cache, mask, causal)
-            if cache is not None:
-                cache.advance(T)
-            if last_only:
-                x = x[:, -1:]
-            logits = self.lm_head(self.final_norm(x))
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layer(i), mask, causal)
+        if cache is not None:
+            cache.advance(T if lengths is None else list(lengths))
+        if last_only and lengths is not None:  # each row's last real token
+            x = x[torch.arange(B, device=x.device), torch.as_tensor(lengths, device=x.device) - 1][:, None]
+        elif last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.final_norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
     @staticmethod
-    def _attention_mask(T: int, start: int, attn_mask, device):
-        """(mask, causal) for SDPA. The common cases need no mask tensor: plain causal attention when
-        nothing is cached, attention to every key for a single new token. Otherwise a bool mask that
-        is causal by slot (query i sits in slot start+i) and-ed with the padding mask."""
-        if attn_mask is None:
-            if start == 0:
-                return None, True
-            if T == 1:
-                return None, False
-        S = start + T
-        if attn_mask is not None and tuple(attn_mask.shape[1:]) != (S,):
-            raise LlmkitError(f"attn_mask covers {attn_mask.shape[-1]} keys, expected {S} (cached + new)")
-        keys, slots = torch.arange(S, device=device), torch.arange(start, S, device=device)[:, None]
-        mask = keys <= slots  # (T, S)
-        if attn_mask is not None:
-            # A padding query may always see its own slot: a row with no visible key would be NaN on
-            # some SDPA backends, and a NaN value poisons real rows even at attention weight 0.
-            mask = mask & (attn_mask.bool()[:, None, None, :] | (keys == slots))  # (B, 1, T, S)
-        return mask, False
+    def _padding_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, T) bool: causal, and-ed with the key mask. A padding query may always see its own
+        slot: a row with no visible key would be NaN on some SDPA backends, and a NaN value poisons
+        real rows even at attention weight 0."""
+        T = attn_mask.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=attn_mask.device).tril()
+        return causal & (attn_mask.bool()[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=attn_mask.device))
 
-    def kv_dtype(self, device=None) -> torch.dtype:
-        """The dtype keys/values are cached in: the weights' dtype, except on CPU, where it is float32.
-        CPU attention in bf16/fp16 is several times slower (0.4 ms instead of 0.15 per SmolLM2 layer
-        at 600 keys), and the cache is small next to the weights."""
-        weight = self.embed.weight
-        return torch.float32 if torch.device(device or weight.device).type == "cpu" else weight.dtype
-
-    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None,
+                  static: bool = False) -> KVCache:
         """A preallocated KV cache for `batch_size` rows and `max_len` slots (default block_size)."""
         cfg = self.config
         device = device or self.embed.weight.device
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
-                       device=device, dtype=dtype or self.kv_dtype(device))
+                       device=device, dtype=dtype or self.cache_dtype or self.embed.weight.dtype, static=static)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (a tied embedding counted once). non_embedding drops the lookup tables that

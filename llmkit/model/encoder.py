@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import matmul_attention, short_cpu_sequence
 
 TASKS = (None, "mlm", "classify", "tag")
 
@@ -88,7 +87,7 @@ def encoder_preset(name: str, **overrides) -> EncoderConfig:
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout, but no op at all at inference (embedding throughput counts every dispatch)."""
+    """F.dropout, skipped entirely where it is the identity (eval mode, or p = 0)."""
     return F.dropout(x, p, True) if training and p > 0 else x
 
 
@@ -105,13 +104,12 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
-        if not self.training and short_cpu_sequence(x):
-            # short sequences at inference on CPU (sentence embedding): plain batched matmuls with the
-            # padding mask on the scores run ~25% faster than the tiled flash kernel at T ~ 32
-            y = matmul_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = self.attend(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D)) v over (B, H, T, D); mask (B, 1, 1, T) bool, True = real key."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):

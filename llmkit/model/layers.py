@@ -5,26 +5,14 @@ K key/value heads (K divides H: grouped-query attention), D head_dim, C n_embd.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from llmkit.infer import kernels
 from llmkit.model.config import ModelConfig
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose one-row products at inference on the CPU (each step of batch-1 decoding) run
-    through llmkit's matrix-vector kernel, which streams the weight ~1.4x faster than PyTorch's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.matvec_applies(x, self.weight):
-            return kernels.matvec(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+from llmkit.model.cache import LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -36,8 +24,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.rms_norm_applies(x, self.weight):
-            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -127,74 +113,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of every layer for up to `max_len` positions, written in place as decoding proceeds.
-
-    Per layer: k, v of shape (B, K, max_len, D). `pos` counts the slots already filled; the model
-    writes slots pos..pos+T-1 during a call, attends over 0..pos+T-1, then advances `pos` by T.
-    """
-
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=None):
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        # empty, not zeros: a slot is always written before any attention reads it
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
-        self.batch_size = batch_size
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's (B, K, T, D) keys/values; return all keys/values so far (views, no copy)."""
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.pos += n
-
-    def reset(self) -> None:
-        self.pos = 0
-
-
-SHORT_ATTENTION = 128  # on CPU, sequences up to this long attend through matmul_attention
-
-
-def short_cpu_sequence(x: torch.Tensor) -> bool:
-    """Whether x (B, T, C) is a CPU sequence short enough for matmul_attention to beat SDPA."""
-    return x.device.type == "cpu" and x.shape[1] <= SHORT_ATTENTION
-
-
-def matmul_attention(q, k, v, mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D), masked) v as plain batched matmuls; mask is bool, True = may attend.
-
-    On CPU, for short sequences, this beats SDPA's tiled flash kernel, forward and backward, eager or
-    compiled (2 cores, 48 heads of 64 tokens: 0.72x its time; 128 tokens: 0.86x; 256: 1.8x, slower)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(-1)
-    if dropout_p > 0:
-        weights = F.dropout(weights, dropout_p)
-    return torch.matmul(weights, v)
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head (or grouped-query) causal self-attention with one fused q/k/v projection."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int = 0):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.layer_idx = layer_idx
         # rows of the fused weight: all q heads, then k heads, then v heads (the fixed interop layout)
-        self.qkv = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
                           bias=config.qkv_bias)
-        self.proj = Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, causal: bool = True):
+    def forward(self, x, rope=None, cache: LayerCache | None = None, mask=None, causal: bool = True):
         """x (B, T, C). `mask` is a bool (T, S) or (B, 1, T, S) tensor, True = may attend; with
         mask None, `causal` selects plain causal attention (T == S) or attention to every key."""
         B, T, _ = x.shape
@@ -208,60 +140,18 @@ class CausalSelfAttention(nn.Module):
             qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass for both
         q, k = qk.split((H, K), dim=1)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(k, v)
             q = q.to(k.dtype)  # a float32 cache beside bf16 weights (CPU): attention runs in float32
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is not None and mask is None and T == 1 and kernels.decode_attention_applies(q, k):
-            y = kernels.decode_attention(q, k, v)
-        elif cache is None and mask is None and causal and short_cpu_sequence(x):
-            if H != K:
-                k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-            causal_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = matmul_attention(q, k, v, causal_mask, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
-                                               dropout_p=dropout_p, enable_gqa=H != K)
+        y = self.attend(q, k, v, mask, causal, cache)
         y = self.proj(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
         return self.resid_drop(y) if self.resid_drop is not None else y
 
-
-def cpu_has_half_matmuls(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies bf16/fp16 matrices natively (AVX512-BF16 or AMX)."""
-    cpu = torch.cpu
-    if dtype == torch.bfloat16:
-        return cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
-    return cpu._is_amx_fp16_supported()
-
-
-class HalfMatmulsInFloat32(TorchFunctionMode):
-    """Runs F.linear on >= 8 rows of bf16/fp16 activations in float32 (weights upcast per call), the
-    result rounded back: the same products and fp32 accumulation as a half-precision GEMM.
-
-    Without AVX512-BF16/AMX, PyTorch's CPU bf16 GEMM computes row by row (~16 GFLOP/s on 2 AVX2
-    cores against ~100 for the upcast fp32 GEMM): a 512-token bf16 prompt took 6 s to prefill.
-    One-row products stay in bf16, where reading half the bytes is what makes decoding fast."""
-
-    MIN_ROWS = 8
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and len(args) >= 2:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-                    and x.numel() >= self.MIN_ROWS * x.shape[-1]):
-                return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-        return func(*args, **kwargs)
-
-
-def half_matmuls_in_float32(weight: torch.Tensor, rows: int):
-    """HalfMatmulsInFloat32() for inference with half-precision CPU weights this CPU cannot multiply
-    natively, over enough rows to gain from it; otherwise a no-op context."""
-    if (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-            and rows >= HalfMatmulsInFloat32.MIN_ROWS and not torch.is_grad_enabled()
-            and not cpu_has_half_matmuls(weight.dtype)):
-        return HalfMatmulsInFloat32()
-    return contextlib.nullcontext()
+    def attend(self, q, k, v, mask, causal: bool, cache=None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D)) v over (B, H, T, D) queries and (B, K, S, D) keys/values
+        (`cache`, which holds them, is for subclasses that attend differently)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=self.n_head != self.n_kv_head)
 
 
 class GeluMLP(nn.Module):
@@ -270,8 +160,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.approximate = "none" if config.mlp == "gelu_erf" else "tanh"
 
@@ -285,8 +175,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up = Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
-        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     def forward(self, x):

@@ -24,7 +24,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import LlmkitError
-from llmkit.model.layers import Linear
 from llmkit.utils import atomic_open, atomic_path
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -88,9 +87,9 @@ class LoRALinear(nn.Module):
         low = F.linear(self.dropout(x), self.lora_A) * self.scaling
         return out.add_(F.linear(low, self.lora_B))
 
-    def merged(self) -> Linear:
+    def merged(self) -> nn.Linear:
         """A plain Linear holding W + (alpha/rank) B A, sharing no storage with this layer."""
-        layer = Linear(self.in_features, self.out_features, bias=self.bias is not None,
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                        device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             # Accumulate in float32 so a bf16 base is rounded once, not twice.

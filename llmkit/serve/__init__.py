@@ -3,8 +3,8 @@
     from llmkit.serve import build_app, serve
     serve("smollm2-135m-instruct", port=8000)          # blocks; Ctrl-C stops it
 
-Pieces: engine.py (the batching scheduler), prefill.py (newcomers' prompts, shared prefixes
-reused), batch_cache.py (rows of one KV cache), app.py (routes), openai_stream.py (requests to
+Pieces: engine.py (the batching scheduler over llmkit.infer.generate's Decoder), prefill.py (newcomers'
+prompts, shared prefixes reused), app.py (routes), openai_stream.py (requests to
 jobs, events to OpenAI JSON/SSE), gate.py (auth, body limit, request metrics), metrics.py,
 schemas.py (pydantic bodies = the OpenAPI schema), embeddings.py, static/ (the chat page).
 """
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.serve.app import create_app
-from llmkit.serve.engine import Engine, SamplingParams
+from llmkit.infer.generate import SamplingParams
+from llmkit.serve.engine import Engine
 
 __all__ = ["Engine", "SamplingParams", "build_app", "create_app", "serve", "served_name"]
 
@@ -30,15 +31,20 @@ def served_name(name_or_path: str) -> str:
 def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: str | None = None,
               max_batch: int = 16, max_queue: int = 128, context: int | None = None, timeout: float = 600.0,
               api_key: str | None = None, max_body_bytes: int = 1 << 20, dtype: str | None = None,
+              nlu: list[str] | None = None, dialog: str | None = None,
               cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None):
     """Load the models and wire engine and app. `model` may be a decoder (chat/completions) or an
     encoder (then it serves embeddings); `embedding_model` adds an encoder beside a decoder.
-    `dtype` (float32 default, bfloat16, float16) is the decoder's."""
+    `dtype` (float32 default, bfloat16, float16) is the decoder's. `nlu` (NLU model dirs) adds
+    /v1/classify and /v1/tag, `dialog` (a domain file, with `nlu`) adds /v1/dialog; model="none" serves no decoder."""
     from llmkit.serve.embeddings import is_encoder, load_embedder
     from llmkit.serve.origin import check_origins
 
     check_origins(cors_origins or [])  # before the slow part: a typo fails at once
     engine = embedder = decoder_name = embed_name = None
+    routes = _app_routes(nlu, dialog)
+    if model == "none":
+        model = None
     if model is not None and is_encoder(model):
         if embedding_model is not None:
             raise LlmkitError(f"--model {model} is already an embedding model; drop --embedding-model")
@@ -54,7 +60,7 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
         embedder = load_embedder(embedding_model)
         embed_name = served_name(embedding_model)
     return create_app(engine, decoder_name or "none", embedder=embedder, embedding_model=embed_name,
-                      api_key=api_key, max_body_bytes=max_body_bytes, cors_origins=cors_origins,
+                      api_key=api_key, max_body_bytes=max_body_bytes, routes=routes, cors_origins=cors_origins,
                       allowed_hosts=allowed_hosts)
 
 
@@ -66,6 +72,22 @@ def served_hosts(host: str, extra: list[str] | None = None) -> list[str] | None:
     if is_loopback(host):
         return [*LOOPBACK, host, *(extra or [])]
     return [host, *extra] if extra else None
+
+
+def _app_routes(nlu_paths, domain_file):
+    """The NLU / dialogue routes as a callable for create_app, or None when neither is asked for."""
+    if not nlu_paths:
+        if domain_file:
+            raise LlmkitError("--dialog needs its NLU model: add --nlu MODEL")
+        return None
+    from llmkit.apps.dialog import Sessions
+    from llmkit.apps.domain import load_domain
+    from llmkit.apps.nlu import NLU
+    from llmkit.serve.apps import add_nlu_routes
+
+    nlu = NLU.load(*nlu_paths)
+    sessions = Sessions(load_domain(domain_file), nlu) if domain_file else None
+    return lambda app: add_nlu_routes(app, nlu, sessions)
 
 
 def serve(model: str | None = "smollm2-135m-instruct", *, host: str = "127.0.0.1", port: int = 8000,

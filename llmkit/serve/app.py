@@ -48,13 +48,13 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedding_model: str | None = None,
-               api_key: str | None = None, max_body_bytes: int = 1 << 20, cors_origins: list[str] | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int = 1 << 20, routes=None,
+               cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The ASGI app. `engine` (an Engine, started and stopped with the app) serves completions;
-    `embedder(texts) -> (float32 array (N, D), token count)` serves /v1/embeddings as `embedding_model`.
-    `cors_origins` opens the API to those browser origins; `allowed_hosts` (None: any) are the only
-    Host names answered (origin.py)."""
-    if engine is None and embedder is None:
+    `embedder(texts) -> (float32 array (N, D), token count)` serves /v1/embeddings as `embedding_model`;
+    `routes(app)` adds more (the NLU and dialogue routes of llmkit.serve.apps). `cors_origins` opens
+    the API to those browser origins; `allowed_hosts` (None: any) are the only Host names answered (origin.py)."""
+    if engine is None and embedder is None and routes is None:
         raise LlmkitError("nothing to serve: give a decoder model, an embedding model, or both")
     metrics = Metrics(engine)
     streamer = Streamer(engine, model_name, metrics) if engine is not None else None
@@ -166,6 +166,9 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
                 "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
             })
+
+    if routes is not None:
+        routes(app)
 
     def openapi() -> dict:
         """FastAPI's schema, plus the served model names as the `model` field's enum (documentation:

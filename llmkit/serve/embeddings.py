@@ -27,4 +27,7 @@ class Embedder:
 
 
 def load_embedder(name_or_path: str) -> Embedder:
-    return Embedder(*load_encoder(name_or_path))
+    from llmkit.infer.cpu import optimize_for_inference
+
+    model, tokenizer = load_encoder(name_or_path)
+    return Embedder(optimize_for_inference(model), tokenizer)

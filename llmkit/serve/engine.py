@@ -1,10 +1,11 @@
 """The scheduler: continuous batching of concurrent requests over one decoder KV cache.
 
 One thread owns the model. Between two decode steps it drops sequences whose client
-left or whose time ran out, admits waiting ones into free batch rows (prefill.py computes
-their prompts' keys/values, batch_cache.py places them beside the running rows), then
-advances every active row by one token in a single forward pass. Sampling and text
-(stop strings, stop tokens, incremental detokenization) are llmkit.infer.generate's.
+left or whose time ran out, admits waiting ones into free rows of the KV cache (prefill.py
+computes their prompts' keys/values, which are copied into those rows), then advances every
+active row by one token with llmkit.infer.generate's Decoder.step: each row of the cache keeps its
+own length, so rows of any age decode together. Sampling and text (stop strings, stop tokens,
+incremental detokenization) are llmkit.infer.generate's too.
 """
 from __future__ import annotations
 
@@ -20,31 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import Completion, sample_next
+from llmkit.infer.generate import Completion, Decoder, SamplingParams, sample
+from llmkit.infer.cpu import optimize_for_inference
 from llmkit.infer.logprobs import token_logprobs
-from llmkit.serve.batch_cache import BatchCache
 from llmkit.serve.prefill import Prefiller
 from llmkit.serve.sampling import process as process_logits
 
 log = logging.getLogger("llmkit.serve")
-MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
-    top_k: int | None = None
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int | None = None  # report each token's log-probability and this many alternatives
-    grammar: str | None = None   # llguidance grammar the output must follow (infer/structured.py)
+INITIAL_SLOTS = 256  # KV cache length allocated first; it doubles on demand up to the context
 
 
 @dataclass
@@ -104,15 +88,8 @@ class Sequence:
         self.output: list[int] = []  # generated ids, for the penalties
         self.scored = None           # logprobs of the token just sampled
         self.constraint = None       # grammar state, made on the engine thread when first needed
-        self.length = 0     # tokens of this sequence in the KV cache
         self.pending = -1   # last sampled token, fed to the next decode step
         self.row = -1
-
-
-def _temperature(p: SamplingParams) -> float:
-    # top_p = 0 keeps only the most likely token (sample_next wants top_p > 0), and a temperature
-    # too small for logits / temperature to stay finite is the greedy limit too
-    return 0.0 if p.top_p <= 0 or p.temperature < MIN_TEMPERATURE else p.temperature
 
 
 class Engine:
@@ -120,7 +97,7 @@ class Engine:
                  context: int | None = None, timeout: float | None = 600.0, prefill_budget: int = 2048):
         if max_batch < 1 or max_queue < 1:
             raise LlmkitError(f"max_batch ({max_batch}) and max_queue ({max_queue}) must be at least 1")
-        self.model = model.eval()
+        self.model = optimize_for_inference(model.eval())
         self.tokenizer = tokenizer
         block = model.config.block_size
         self.context = min(context or block, block)
@@ -131,7 +108,7 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._rows: list[Sequence] = []
         self._admitting: list[Sequence] = []
-        self.kv = BatchCache(self.model, max_batch, self.context)
+        self.decoder: Decoder | None = None  # its cache holds the live rows 0..len(_rows)-1; made on demand
         self._prefiller = Prefiller(self.model)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -152,8 +129,8 @@ class Engine:
         """Queue `n` sequences per prompt (event index = prompt_index * n + choice). Call on the event loop."""
         size = len(prompts) * n
         for prompt in prompts:
-            if not prompt or len(prompt) + params.max_tokens > self.context or params.max_tokens < 1:
-                raise LlmkitError(f"a prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} does not fit "
+            if not prompt or len(prompt) + params.max_new_tokens > self.context or params.max_new_tokens < 1:
+                raise LlmkitError(f"a prompt of {len(prompt)} tokens + max_tokens={params.max_new_tokens} does not fit "
                                   f"the context of {self.context} tokens (each needs at least one)")
         if size > self.max_queue:
             raise LlmkitError(f"{size} sequences in one request exceed the queue size of {self.max_queue}")
@@ -203,7 +180,7 @@ class Engine:
                 for seq in {id(s): s for s in self._rows + self._admitting}.values():
                     seq.job.emit(Event(seq.index, finish="error", error=f"generation failed: {e}"))
                 self._rows, self._admitting = [], []
-                self.kv.cache = None
+                self.decoder = None
                 self._prefiller.reset()
 
     def _step(self) -> None:
@@ -253,15 +230,24 @@ class Engine:
             self._prefill(groups)
             self._admitting = []
 
+    def _reserve(self, slots: int) -> None:
+        """Make the cache hold `slots` tokens per row: allocated at first use, doubled when outgrown."""
+        if self.decoder is None:
+            size = min(self.context, max(slots, INITIAL_SLOTS))
+            self.decoder = Decoder(self.model, self.max_batch, size)
+        elif slots > self.decoder.cache.max_len:
+            size = min(self.context, max(slots, 2 * self.decoder.cache.max_len))
+            self.decoder.cache = self.decoder.cache.resized(size)
+
     def _prefill(self, groups: list[list[Sequence]]) -> None:
-        logits, pieces = self._prefiller([group[0].prompt for group in groups])
-        self.kv.fit([s.length for s in self._rows], joining=max(len(g[0].prompt) for g in groups))
+        logits, sources = self._prefiller([group[0].prompt for group in groups])
+        self._reserve(max(len(g[0].prompt) for g in groups) + 1)
         joined, source = [], []
         for i, group in enumerate(groups):
             for seq in group:
                 seq.row = len(self._rows)
                 self._rows.append(seq)
-                seq.length = self.kv.place(seq.row, pieces[i])
+                self.decoder.cache.copy_row(seq.row, *sources[i], len(seq.prompt))
                 joined.append(seq)
                 source.append(i)
         tokens = self._sample(logits[source], joined)
@@ -269,35 +255,27 @@ class Engine:
             self._accept(seq, token)
 
     def _decode(self) -> None:
-        rows = self._rows
-        self.kv.fit([s.length for s in rows])
-        pos = self.kv.pos
-        lengths = torch.tensor([s.length for s in rows])
-        idx = torch.tensor([[s.pending] for s in rows])
-        mask = torch.arange(pos + 1)[None, :] >= (pos - lengths)[:, None]  # own slots, plus slot `pos` (new)
-        view = self.kv.view(len(rows))  # the live rows only
-        logits, _ = self.model(idx, cache=view, positions=lengths[:, None], attn_mask=mask, last_only=True)
-        self.kv.cache.pos = view.pos
+        rows = list(self._rows)
+        self._reserve(max(self.decoder.cache.lengths[:len(rows)]) + 1)
+        logits = self.decoder.step(torch.tensor([s.pending for s in rows]))
         self.steps += 1
-        batch = list(rows)
-        for seq in batch:
-            seq.length += 1
-        tokens = self._sample(logits[:, -1], batch)
-        for seq, token in zip(batch, tokens):
+        tokens = self._sample(logits, rows)
+        for seq, token in zip(rows, tokens):
             self._accept(seq, token)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """generate.sample_next over rows that share settings and a generator, in one call per group."""
+        """generate.sample over rows that share settings and a generator, in one call per group."""
         groups: dict = {}
         for i, seq in enumerate(seqs):
-            key = i if seq.generator is not None else (seq.params.temperature, seq.params.top_p, seq.params.top_k)
+            p = seq.params
+            key = i if seq.generator is not None else (p.temperature, p.top_k, p.top_p, p.repetition_penalty)
             groups.setdefault(key, []).append(i)
         raw = logits.float()
-        logits = process_logits(raw, seqs, _temperature, self.tokenizer)  # penalties, min-p, grammar (sampling.py)
+        logits = process_logits(raw, seqs, lambda p: p.temperature, self.tokenizer)  # penalties, min-p, grammar
         tokens = [0] * len(seqs)
         for rows in groups.values():
             p, gen = seqs[rows[0]].params, seqs[rows[0]].generator or self._generator
-            picked = sample_next(logits[rows], _temperature(p), p.top_k, p.top_p, gen)
+            picked = sample(logits[rows], p, gen)  # no history: the repetition penalty is process_logits'
             for i, token in zip(rows, picked.tolist()):
                 tokens[i] = token
         for i, seq in enumerate(seqs):
@@ -310,7 +288,7 @@ class Engine:
         seq.output.append(token)
         if seq.constraint is not None:
             seq.constraint.advance(token)
-        text = seq.completion.push(token, last=seq.generated >= seq.params.max_tokens)
+        text = seq.completion.push(token, last=seq.generated >= seq.params.max_new_tokens)
         finish = seq.completion.finish_reason
         seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
         if finish:
@@ -321,10 +299,12 @@ class Engine:
     def _free(self, seq: Sequence) -> None:
         """Leave the batch; the last row moves into the hole so live rows stay packed."""
         last = self._rows.pop()
+        cache = self.decoder.cache
         if last is not seq:
-            self.kv.move(last.row, seq.row, last.length)
+            cache.copy_row(seq.row, cache, last.row, cache.lengths[last.row])
             last.row = seq.row
             self._rows[seq.row] = last
+        cache.lengths[len(self._rows)] = 0
         seq.row = -1
-        if not self._rows:
-            self.kv.idle()
+        if not self._rows and cache.max_len > INITIAL_SLOTS:
+            self.decoder = None  # give back the memory a long request grew

@@ -15,12 +15,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from llmkit.errors import LlmkitError
+from llmkit.infer.generate import SamplingParams
 from llmkit.infer.logprobs import chat_entries, completion_logprobs, score_prompt
 from llmkit.infer.structured import grammar_tokenizer, json_grammar
 from llmkit.serve import schemas as S
 from llmkit.serve import tools
-from llmkit.serve.engine import QueueFull, SamplingParams
+from llmkit.serve.engine import QueueFull
 
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
 FAILURES = {"timeout": (408, "timeout_error", "request_timeout"), "error": (500, "server_error", None)}
 
 
@@ -138,9 +140,13 @@ class Streamer:
         if chat and body.top_logprobs is not None and not body.logprobs:
             raise _bad("top_logprobs needs logprobs: true")
         logprobs = (body.top_logprobs or 0 if body.logprobs else None) if chat else body.logprobs
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=tuple(s for s in stop if s), seed=body.seed, ignore_eos=body.ignore_eos,
-                              top_k=body.top_k or None, min_p=body.min_p, presence_penalty=body.presence_penalty,
+        # top_p = 0 keeps only the most likely token, and a temperature too small for logits / temperature
+        # to stay finite is the greedy limit too
+        greedy = body.top_p <= 0 or body.temperature < MIN_TEMPERATURE
+        return SamplingParams(max_new_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
+                              top_p=None if greedy else body.top_p, stop=tuple(s for s in stop if s),
+                              seed=body.seed, ignore_eos=body.ignore_eos, top_k=body.top_k or None,
+                              min_p=body.min_p, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
                               logprobs=logprobs, grammar=grammar)
 

@@ -51,6 +51,10 @@ class TrainConfig:
     peak_flops: float | None = None    # FLOP/s for MFU; None measures a matmul once per process
     threads: int | None = None         # torch.set_num_threads on CPU; None keeps torch's default
     progress: bool = True              # tqdm bar on stderr (rank 0 only)
+    strategy: str = "ddp"              # ddp | fsdp (FSDP2: sharded parameters, gradients, optimizer, checkpoints)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    init_from: str | None = None       # start from this model's weights and config (continued pretraining)
+    overwrite: bool = False            # train into an out_dir that already holds a checkpoint, replacing it
 
     def __post_init__(self):
         checks = [
@@ -64,6 +68,7 @@ class TrainConfig:
             (self.max_steps >= 0 and self.warmup_steps >= 0, "max_steps and warmup_steps must be >= 0"),
             (min(self.eval_interval, self.log_interval, self.ckpt_interval) >= 0, "intervals must be >= 0"),
             (self.eval_iters > 0, "eval_iters must be positive"),
+            (self.strategy in ("ddp", "fsdp"), f"strategy {self.strategy!r} (ddp, fsdp)"),
             (0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} lr={self.lr}"),
         ]
         for ok, what in checks:

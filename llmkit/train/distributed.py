@@ -1,10 +1,18 @@
-"""Multi-process training helpers for `torchrun` launches (DDP).
+"""Multi-process training helpers for `torchrun` launches: DDP and FSDP2.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK for every process; without them
-we are a single process and every helper here degrades to a no-op.
+we are a single process and every helper here degrades to a no-op (except that
+FSDP, which always needs a process group, gets a one-process one).
+
+strategy=ddp   every rank holds the whole model; gradients are all-reduced in backward.
+strategy=fsdp  PyTorch's FSDP2 (`fully_shard`) per block and at the root: each rank keeps
+               1/world of the parameters, gradients and optimizer moments; parameters are
+               all-gathered block by block for compute, gradients reduce-scattered.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -35,14 +43,19 @@ def detect() -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
-def init(info: DistInfo, device: torch.device) -> None:
-    """Join the process group: NCCL between GPUs, gloo between CPU processes."""
-    if not info.enabled or dist.is_initialized():
-        return
+def init(info: DistInfo, device: torch.device, always: bool = False) -> bool:
+    """Join the process group: NCCL between GPUs, gloo between CPU processes. `always` makes a
+    one-process group when not under torchrun. True when this call created the group."""
+    if not (info.enabled or always) or dist.is_initialized():
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    if info.enabled:
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    else:  # no torchrun: an in-memory store, no port to pick
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def shutdown() -> None:
@@ -71,3 +84,41 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (decoders and encoders keep them in `.blocks`)."""
+    return list(getattr(model, "blocks", ()))
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward instead of storing them (less memory, ~1/3
+    more compute). Replaces the instance's forward, so parameter names stay unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks(model):
+        block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+
+def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 in place: one unit per block (gathered just for its compute) plus the root for the rest.
+    `param_dtype` (bf16) casts parameters for compute; gradients are reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in blocks(model):
+        fully_shard(block, mp_policy=policy)
+    # The root (embeddings, head, final norm) is gathered first in backward anyway: keeping it gathered
+    # after forward saves one all-gather per step for the memory of one unit.
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Context for one micro-step: with enabled=False gradients only accumulate locally (no
+    all-reduce / reduce-scatter); the last micro-step of an optimizer step syncs them once."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if enabled or not hasattr(model, "no_sync"):  # one process, or DDP's syncing step
+        return contextlib.nullcontext()
+    return model.no_sync()

@@ -114,14 +114,14 @@ class EncoderTrainer(Trainer):
         if config.objective == "contrastive" and model is None:
             raise LlmkitError("contrastive training starts from an encoder: give --model "
                               "(all-minilm-l6-v2, an llmkit encoder dir or a HF BERT dir)")
-        if config.objective == "mlm" and model is not None:
+        if config.objective in ("mlm", "mlm+nsp") and model is not None:
             raise LlmkitError("mlm pretraining starts from scratch on a prepared data dir; drop --model")
         self.model_source = model
         super().__init__(config, resume)
 
     # ---- data and model ------------------------------------------------------------------------
     def _load_data(self) -> None:
-        if self.config.objective == "mlm":
+        if self.config.objective in ("mlm", "mlm+nsp"):
             super()._load_data()
             from llmkit.tokenizer import Tokenizer
 
@@ -165,6 +165,10 @@ class EncoderTrainer(Trainer):
         return mc
 
     def build_model(self) -> Encoder:
+        if self.config.objective == "mlm+nsp":
+            from llmkit.model.heads import PretrainingEncoder
+
+            return PretrainingEncoder(self.model_config)
         if self.config.objective == "mlm":
             return Encoder(self.model_config, task="mlm")
         model = Encoder(self.model_config)  # the base's weights with this run's config (e.g. its dropout)
@@ -176,6 +180,13 @@ class EncoderTrainer(Trainer):
         if self.config.objective == "contrastive":
             return PairSampler(data, self.config.batch_size // self.dist.world_size, self.model_config.pad_token_id,
                                seed, self.dist.rank, self.dist.world_size)
+        if self.config.objective == "mlm+nsp":
+            from llmkit.train.nsp import NextSentenceSampler, boundary_ids
+
+            return NextSentenceSampler(data, self.config.block_size, self.config.batch_size // self.dist.world_size,
+                                       *boundary_ids(self.tokenizer), mask_token_id(self.tokenizer),
+                                       self.model_config.vocab_size, special_token_ids(self.tokenizer), seed,
+                                       self.dist.rank, self.dist.world_size)
         return MaskedWindowSampler(super()._sampler(data, seed), mask_token_id(self.tokenizer),
                                    self.model_config.vocab_size, special_token_ids(self.tokenizer), seed,
                                    self.dist.rank, self.dist.world_size)
@@ -196,7 +207,7 @@ class EncoderTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        if self.config.objective == "mlm":
+        if self.config.objective in ("mlm", "mlm+nsp"):
             return super().evaluate()
         if len(self.val_tokens) < 2:
             return None
@@ -215,7 +226,6 @@ class EncoderTrainer(Trainer):
         self.model.train()
         return total / count
 
-    def save(self) -> None:
-        if self.dist.is_main:  # the tokenizer first: a checkpoint's weights never lack their tokenizer
-            self.tokenizer.save(self.out_dir)
-        super().save()
+    def write_checkpoint(self, directory) -> None:
+        self.tokenizer.save(directory)  # whole: with the mask token (mlm) or the model's truncation limit
+        super().write_checkpoint(directory)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-ENCODER_OBJECTIVES = ("mlm", "contrastive")  # objectives that train an llmkit.model.encoder.Encoder
+ENCODER_OBJECTIVES = ("mlm", "mlm+nsp", "contrastive")  # objectives that train an llmkit.model.encoder.Encoder
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,6 +48,14 @@ def mask_tokens(input_ids: torch.Tensor, mask_id: int, vocab_size: int, special_
 def masked_lm_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x: masked inputs (B, T), y: labels with IGNORE_INDEX at unselected positions."""
     _, loss = model(x, labels=y)
+    return loss
+
+
+def mlm_nsp_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BERT pretraining: MLM + next-sentence loss. y packs [mlm labels (T) | token types (T) | next label (1)]
+    (llmkit/train/nsp.py), since the Trainer's batches are (x, y) pairs."""
+    T = x.shape[1]
+    _, loss = model(x, token_type_ids=y[:, T: 2 * T], labels=y[:, :T], next_labels=y[:, 2 * T])
     return loss
 
 

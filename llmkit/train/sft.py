@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import pickle
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,11 +25,11 @@ import torch.nn.functional as F
 from llmkit.train import distributed
 from llmkit.train import state as train_state
 from llmkit.errors import LlmkitError
+from llmkit.io import snapshots
 from llmkit.model.lora import (LoRAConfig, apply_lora, count_parameters, load_adapter_weights, merge_lora,
                          read_adapter_config, save_adapter)
 from llmkit.data.chats import SFTData, SFTSampler, describe, encode_chats, eval_batches, read_chats
 from llmkit.train.trainer import Trainer
-from llmkit.utils import atomic_path
 
 
 def split_data(data: SFTData, val_fraction: float, seed: int) -> tuple[SFTData, SFTData | None]:
@@ -51,6 +49,8 @@ class SFTTrainer(Trainer):
                  val_data=None, val_fraction: float = 0.05, merge: bool = True, resume: bool = False, log=print):
         self.model_source, self.lora, self.pack, self.merge = str(model), lora, pack, merge
         self.val_path, self.val_fraction, self.log = val_data, val_fraction, log
+        if config.strategy == "fsdp":  # its checkpoints (adapters, merged model) are written whole by rank 0
+            raise LlmkitError("finetune --task sft trains with strategy=ddp (fsdp is for `llmkit train`)")
         super().__init__(config, resume)
         trainable, total = count_parameters(self.raw_model)
         self.trainable = (trainable, total)
@@ -136,36 +136,28 @@ class SFTTrainer(Trainer):
         return total / count
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save(self) -> None:
+    def write_checkpoint(self, directory) -> None:
+        self.tokenizer.save(directory)  # whole, with its chat template
         if self.lora is None:
-            super().save()
-        elif self.dist.is_main:
-            # Adapter first, state last, both stamped with the step: a crash in between is caught on resume.
-            save_adapter(self.raw_model, self.out_dir, extra={"base": self.model_source, "train_step": self.step})
-            with atomic_path(self.out_dir / train_state.STATE_FILE) as tmp:
-                torch.save(self.training_state(), tmp)
-        if self.dist.is_main:
-            self.tokenizer.save(self.out_dir)
-        distributed.barrier()
+            return super().write_checkpoint(directory)
+        # Adapter and state, both stamped with the step (checked again on resume).
+        save_adapter(self.raw_model, directory, extra={"base": self.model_source, "train_step": self.step})
+        snapshots.fault_point()
+        torch.save(self.training_state(), directory / train_state.STATE_FILE)
+        snapshots.fault_point()
 
     def _resume(self) -> None:
         if self.lora is None:
             return super()._resume()
-        path = self.out_dir / train_state.STATE_FILE
-        if not path.exists():
-            raise LlmkitError(f"cannot resume: {path} does not exist")
-        meta = read_adapter_config(self.out_dir)
+        directory = snapshots.current(self.out_dir)
+        if directory is None:
+            raise LlmkitError(f"cannot resume: {self.out_dir} holds no checkpoint")
+        meta = read_adapter_config(directory)
         if meta.get("base") != self.model_source:
             raise LlmkitError(f"cannot resume: the adapter in {self.out_dir} was trained on "
                               f"{meta.get('base')!r}, not {self.model_source!r}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-            raise LlmkitError(f"cannot resume: corrupt training state {path}: {str(e).splitlines()[0]}") from None
-        if meta.get("train_step") != state.get("step"):
-            raise LlmkitError(f"cannot resume: adapter in {self.out_dir} is from step {meta.get('train_step')} "
-                              f"but {path.name} is from step {state.get('step')} (interrupted save?)")
-        load_adapter_weights(self.raw_model, self.out_dir)  # same Parameters: the optimizer still holds them
+        state = train_state.read_state(directory / train_state.STATE_FILE, meta.get("train_step"))
+        load_adapter_weights(self.raw_model, directory)  # same Parameters: the optimizer still holds them
         self.load_training_state(state)
 
     def fit(self) -> dict:

@@ -1,19 +1,16 @@
 """Saving and restoring everything a training run needs to continue exactly.
 
-A checkpoint is the model directory (config.json, model.safetensors,
-tokenizer.json; see llmkit.io.checkpoint) plus `train_state.pt` beside it:
-optimizer, grad scaler, data-sampler position, every RNG state, step counter.
+A checkpoint is a model directory (config.json, model.safetensors, tokenizer.json; see
+llmkit.io.checkpoint) plus `train_state.pt`: optimizer, grad scaler, data-sampler position, every RNG
+state, step counter. With strategy=fsdp the weights and optimizer moments are instead sharded by
+torch.distributed.checkpoint (llmkit.io.sharded) and train_state.pt keeps the rest.
 
-All files are first written completely into a staging directory inside
-out_dir and only then moved into place, state file last. A failure while
-writing leaves the previous checkpoint untouched. config.json and the state
-both record the step and are moved first and last, so a crash between the
-renames is detected on resume instead of silently pairing new weights with
-an old optimizer.
+`write` fills one directory; llmkit.io.snapshots makes that directory the run's checkpoint in one
+atomic step, so a crash never pairs new weights with an old optimizer. config.json and the state
+still both record the step: a hand-assembled mismatch is caught on resume.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
@@ -23,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.io.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_checkpoint
+from llmkit.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, read_meta, save_weights, write_config
 from llmkit.errors import LlmkitError
-from llmkit.utils import atomic_path
+from llmkit.io import sharded, snapshots
 
 STATE_FILE = "train_state.pt"
-STAGING_DIR = ".checkpoint-staging"
 
 
 def capture_rng() -> dict:
@@ -55,25 +51,22 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(out_dir, model, state: dict, tokenizer_file=None) -> None:
-    """Write the model directory and `train_state.pt` for `state["step"]` into out_dir."""
-    out_dir = Path(out_dir)
-    stage = out_dir / STAGING_DIR
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
-        save_checkpoint(stage, model, extra={"train_step": state["step"]})
-        if tokenizer_file is not None:
-            with atomic_path(stage / TOKENIZER_FILE) as tmp:
-                shutil.copyfile(tokenizer_file, tmp)
-        with atomic_path(stage / STATE_FILE) as tmp:
-            torch.save(state, tmp)
-        # Everything is complete on disk: now swap it in. config.json (which records the step) goes
-        # first and the state last, so any partial swap leaves their steps different.
-        for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, STATE_FILE):
-            if (stage / name).exists():
-                os.replace(stage / name, out_dir / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+def write(directory, model, state: dict, tokenizer_file=None, weights: bool = True) -> None:
+    """Write the model directory and `train_state.pt` for `state["step"]` into `directory`.
+
+    weights=False writes config.json without weights: they are in the sharded checkpoint beside it."""
+    directory = Path(directory)
+    extra = {"train_step": state["step"]}
+    if weights:
+        save_weights(directory, model)
+        snapshots.fault_point()
+    write_config(directory, model, {**extra, **({} if weights else {"sharded": sharded.SHARDS})})
+    snapshots.fault_point()
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
+        snapshots.fault_point()
+    torch.save(state, directory / STATE_FILE)
+    snapshots.fault_point()
 
 
 def read_state(path, weights_step) -> dict:
@@ -95,17 +88,24 @@ def read_state(path, weights_step) -> dict:
     return state
 
 
-def load(out_dir, model, model_config: dict) -> dict:
-    """Load weights into `model` and return the training state, checking they belong together."""
+def load(out_dir, model, model_config: dict, weights: bool = True) -> dict:
+    """Load the latest checkpoint's weights into `model` and return its training state, checking they
+    belong together. weights=False (sharded runs) checks and returns the state only."""
     out_dir = Path(out_dir)
-    state_path = out_dir / STATE_FILE
-    if not state_path.exists():
-        raise LlmkitError(f"cannot resume: {state_path} does not exist")
-    meta = read_meta(out_dir)
+    directory = snapshots.current(out_dir)
+    if directory is None:
+        raise LlmkitError(f"cannot resume: {out_dir} holds no checkpoint")
+    state_path = directory / STATE_FILE
+    meta = read_meta(directory)
     saved = meta.get("model", {})
     differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
     if differ:
         details = ", ".join(f"{k}={saved.get(k)!r} (now {model_config.get(k)!r})" for k in differ[:4])
         raise LlmkitError(f"cannot resume: checkpoint in {out_dir} is from another model config: {details}")
-    load_weights(model, out_dir / WEIGHTS_FILE)
+    if bool(meta.get("sharded")) == weights:
+        kind = "sharded (strategy=fsdp)" if meta.get("sharded") else "whole-model (strategy=ddp)"
+        raise LlmkitError(f"cannot resume: the checkpoint in {out_dir} is {kind}; resume with that strategy "
+                          "(or `llmkit convert` it into a model and start from that)")
+    if weights:
+        load_weights(model, directory / WEIGHTS_FILE)
     return read_state(state_path, meta.get("train_step"))

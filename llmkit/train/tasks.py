@@ -221,8 +221,6 @@ def _batch(features, idx, pad_id: int, task: str):
 def finetune(base: str, train_path, out_dir, task: str, val_path=None, config: FinetuneConfig | None = None,
              log=print) -> dict:
     """Fine-tune encoder `base` (name or dir) on `train_path`; save to `out_dir`; return the val metrics."""
-    from llmkit.train.optim import build_adamw, set_lr
-
     _check_task(task)
     cfg = config or FinetuneConfig()
     train = read_examples(train_path, task)
@@ -236,33 +234,56 @@ def finetune(base: str, train_path, out_dir, task: str, val_path=None, config: F
     model = with_head(base_model, task, labels).train()
     del base_model
     features = encode_examples(tokenizer, train, task, labels)
+
+    def batch(idx):
+        ids, mask, target = _batch(features, idx, model.config.pad_token_id, task)
+        return {"input_ids": ids, "attention_mask": mask, "labels": target}
+
+    first = [True]
+
+    def evaluate_val():
+        warn, first[0] = first[0], False
+        return evaluate(model, tokenizer, val, warn=warn) if val else {}
+
+    metrics = fit(model, len(features), batch, cfg, evaluate_val, log)
+    save_encoder(out_dir, model.eval(), tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
+    return metrics
+
+
+def _to(value, device):
+    return {k: _to(v, device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
+
+
+def fit(model: torch.nn.Module, n_examples: int, batch, cfg: FinetuneConfig, evaluate=None, log=print) -> dict:
+    """The fine-tuning loop of every encoder task recipe: AdamW, linear warmup then linear decay to zero,
+    clipping at 1. `batch(indices)` gives the model's keyword arguments (targets included: its forward
+    returns (output, loss)). Returns the last epoch's {"epoch", "train_loss", **evaluate()}."""
+    from llmkit.train.optim import build_adamw, set_lr
+
     optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), torch.device(cfg.device).type)
-    steps_per_epoch = math.ceil(len(features) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
     total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_fraction * steps_per_epoch * cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and dropout masks repeat run to run
     torch.manual_seed(cfg.seed)
     step, metrics = 0, {}
+    model.train()
     for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(features), generator=gen).tolist()
+        order = torch.randperm(n_examples, generator=gen).tolist()
         running = 0.0
-        for b in range(0, len(order), cfg.batch_size):
-            # linear warmup, then linear decay to zero at the last step
+        for b in range(0, n_examples, cfg.batch_size):
             ramp = (step + 1) / warmup if step < warmup else (total - step) / max(1, total - warmup)
             set_lr(optimizer, cfg.lr * ramp)
-            ids, mask, target = (t.to(cfg.device) for t in _batch(features, order[b: b + cfg.batch_size],
-                                                                   model.config.pad_token_id, task))
-            _, loss = model(ids, attention_mask=mask, labels=target)
+            _, loss = model(**_to(batch(order[b: b + cfg.batch_size]), cfg.device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             running += loss.item()
             step += 1
-        metrics = {"epoch": epoch, "train_loss": running / steps_per_epoch}
-        if val:
-            metrics.update(evaluate(model, tokenizer, val, warn=epoch == 1))
-        log(f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}  {format_metrics(metrics)}")
-    save_encoder(out_dir, model.eval(), tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
+        metrics = {"epoch": epoch, "train_loss": running / steps_per_epoch, **(evaluate() if evaluate else {})}
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "train_loss")
+        log(f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}  {shown}")
+    model.eval()
     return metrics
 
 

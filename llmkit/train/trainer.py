@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llmkit.train import distributed
+from llmkit.train import continued, distributed
 from llmkit.train import state as train_state
 from llmkit.model.config import ModelConfig, preset
+from llmkit.io import sharded, snapshots
 from llmkit.errors import LlmkitError
-from llmkit.train.losses import contrastive_objective, masked_lm_objective
+from llmkit.train.losses import contrastive_objective, masked_lm_objective, mlm_nsp_objective
 from llmkit.train.optim import build_adamw, lr_at, set_lr
 from llmkit.train.perf import measure_peak_flops, mfu
 from llmkit.train.config import TrainConfig, load_train_config
@@ -49,6 +51,7 @@ OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], to
     "causal": causal_lm_loss,
     # encoder objectives: run by llmkit.train.encoder.EncoderTrainer, which supplies their batches
     "mlm": masked_lm_objective,
+    "mlm+nsp": mlm_nsp_objective,
     "contrastive": contrastive_objective,
 }
 
@@ -80,10 +83,22 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out_dir = Path(cfg.out_dir)
         self.data_dir = Path(cfg.data_dir)
+        if cfg.init_from and type(self).build_model is not Trainer.build_model:
+            raise LlmkitError("init_from is for decoder training (`llmkit train`); this trainer takes --model")
+        self._check_out_dir(resume)
         self._load_data()
         self._seed_everything(cfg.seed)
         self.model_config = self.build_model_config()
         self.raw_model = self.build_model().to(self.device)
+        self.sharded = cfg.strategy == "fsdp"
+        self._owns_group = distributed.init(self.dist, self.device, always=self.sharded)
+        if cfg.activation_checkpointing:
+            distributed.checkpoint_activations(self.raw_model)
+        if self.sharded:
+            if self.dtype == torch.float16:
+                raise LlmkitError("strategy=fsdp trains in float32 or bfloat16 (float16 needs a gradient scaler "
+                                  "over sharded gradients, which llmkit does not do)")
+            distributed.shard(self.raw_model, self.dtype if self.dtype != torch.float32 else None)
         self.optimizer = build_adamw(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                      self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -93,15 +108,25 @@ class Trainer:
         self.elapsed_before = 0.0  # training seconds spent by earlier (resumed-from) processes
         if resume:
             self._resume()
-        distributed.init(self.dist, self.device)
         self.model = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self.model = distributed.wrap(self.model, self.dist, self.device)
+        if not self.sharded:
+            self.model = distributed.wrap(self.model, self.dist, self.device)
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
         self.flops_per_token = self.raw_model.flops_per_token(cfg.block_size)
         self.writer = None
         self.last_metrics: dict = {}
+
+    def _check_out_dir(self, resume: bool) -> None:
+        """Never replace a checkpoint by accident; clear what interrupted saves left behind."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise LlmkitError(f"out_dir {self.out_dir} exists and is not a directory")
+        if not resume and not self.config.overwrite and snapshots.holds_checkpoint(self.out_dir):
+            raise LlmkitError(f"{self.out_dir} already holds a checkpoint: continue it with --resume, "
+                              "or replace it with --overwrite (overwrite=true)")
+        if self.dist.is_main and self.out_dir.is_dir():
+            snapshots.clean(self.out_dir)
 
     # ---- set-up ------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -127,6 +152,10 @@ class Trainer:
 
     def build_model_config(self) -> ModelConfig:
         cfg = self.config
+        if cfg.init_from:  # continued pretraining: the model's own config, weights and tokenizer
+            self.init_model, self.init_tokenizer, mc = continued.load_start(
+                cfg.init_from, self.tokenizer_file, self.data_dir, cfg.block_size, cfg.model)
+            return mc
         vocab_size = int(self.meta["vocab_size"])
         mc = preset(cfg.preset, **{"vocab_size": vocab_size, "block_size": cfg.block_size, **cfg.model})
         if mc.vocab_size < vocab_size:
@@ -138,7 +167,11 @@ class Trainer:
     def build_model(self) -> torch.nn.Module:
         from llmkit.model.decoder import GPT
 
-        return GPT(self.model_config)
+        model = GPT(self.model_config)
+        if self.config.init_from:
+            continued.copy_weights(model, self.init_model, self.config.init_from, self.config.model)
+            del self.init_model
+        return model
 
     def _sampler(self, tokens, seed: int):
         from llmkit.data.corpus import RandomWindowSampler
@@ -148,18 +181,22 @@ class Trainer:
                                    seed, rank=self.dist.rank, world_size=self.dist.world_size)
 
     def _resume(self) -> None:
-        self.load_training_state(train_state.load(self.out_dir, self.raw_model, self.model_config.to_dict()))
+        state = train_state.load(self.out_dir, self.raw_model, self.model_config.to_dict(), weights=not self.sharded)
+        if self.sharded:  # weights and optimizer moments, resharded to this world size
+            sharded.load(snapshots.current(self.out_dir) / sharded.SHARDS, self.raw_model, self.optimizer)
+        self.load_training_state(state)
 
     def training_state(self) -> dict:
         """Everything besides the weights needed to continue exactly (plain tensors/containers)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "optimizer": sharded.SHARDS if self.sharded else self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.train_sampler.state_dict(), "rng": train_state.capture_rng(),
                 "config": self.config.to_dict()}
 
     def load_training_state(self, state: dict) -> None:
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not self.sharded:
+                self.optimizer.load_state_dict(state["optimizer"])
             if "scaler" in state and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
             self.train_sampler.load_state_dict(state["sampler"])
@@ -193,9 +230,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             x, y = self.next_batch(self.train_sampler)
             # DDP all-reduces gradients in backward; only the last micro-step needs it.
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
-            with sync:
+            with distributed.grad_sync(self.model, micro == cfg.grad_accum - 1):
                 with self.autocast():
                     loss = self.compute_loss(x, y) / cfg.grad_accum
                 self.scaler.scale(loss).backward()
@@ -314,10 +349,31 @@ class Trainer:
                     self.writer.add_scalar(key, value, record["step"])
 
     def save(self) -> None:
-        """Checkpoint to out_dir (rank 0 writes; the others wait so nobody races ahead)."""
+        """Checkpoint to out_dir: a new step directory, committed atomically (llmkit.io.snapshots).
+        Rank 0 writes the model directory and state; with strategy=fsdp every rank writes its shard."""
+        stage = snapshots.staging_dir(self.out_dir, self.step)
         if self.dist.is_main:
-            train_state.save(self.out_dir, self.raw_model, self.training_state(), self.tokenizer_file)
+            snapshots.begin(self.out_dir, self.step)
         distributed.barrier()
+        if self.sharded:
+            sharded.save(stage / sharded.SHARDS, self.raw_model, self.optimizer)
+            distributed.barrier()
+        if self.dist.is_main:
+            try:
+                self.write_checkpoint(stage)
+            except Exception:  # e.g. disk full: drop the partial step now (a kill leaves it to clean())
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+            snapshots.commit(self.out_dir, stage)
+        distributed.barrier()
+
+    def write_checkpoint(self, directory: Path) -> None:
+        """Write this step's files into `directory` (rank 0); subclasses add or swap files."""
+        tokenizer = getattr(self, "init_tokenizer", None)  # the model's own, with its chat template
+        if tokenizer is not None:
+            tokenizer.save(directory)
+        train_state.write(directory, self.raw_model, self.training_state(),
+                          self.tokenizer_file if tokenizer is None else None, weights=not self.sharded)
 
     def close(self) -> None:
         if getattr(self, "_metrics", None) is not None:
@@ -326,4 +382,6 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        distributed.shutdown()
+        if self._owns_group:
+            distributed.shutdown()
+            self._owns_group = False

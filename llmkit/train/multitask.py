@@ -1,0 +1,152 @@
+"""Joint fine-tuning of one encoder with several heads; the intent + slots recipe and its predictions.
+
+Intent-slots data is JSONL, one utterance per line, with both labels:
+  {"tokens": ["table", "for", "4", "at", "7pm"], "tags": ["O", "O", "B-people", "O", "B-time"], "label": "book_table"}
+(a "text" field may sit beside them, so the same file also trains the single-task classify model).
+One model holds an intent head (classify, pooled) and a slot head (tag, per word's first sub-word);
+the loss is intent_weight * CE(intent) + slot_weight * CE(slots). `predict` gives both at once.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmkit.io.encoders import length_sorted_batches, load_encoder, pad_batch, read_lines, save_encoder
+from llmkit.errors import LlmkitError
+from llmkit.eval.metrics import accuracy, bio_spans, entity_scores
+from llmkit.model.heads import MultiTaskEncoder, multitask_from
+from llmkit.train.tasks import (Example, FinetuneConfig, _parse, _split, check_labels, encode_examples, fit,
+                                label_list)
+
+INTENT, SLOTS = "intent", "slots"
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def read_joint(path, need_gold: bool = True) -> list[tuple[Example, str | None]]:
+    """(words + tags as a tag Example, intent label) per line; .txt lines (words split on spaces) to predict."""
+    path = Path(path)
+    out = []
+    for n, line in enumerate(read_lines(path), 1):
+        where = f"{path}:{n}"
+        if path.suffix == ".txt" and not need_gold:
+            out.append((Example(line.split(), None, where), None))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmkitError(f"{where}: not valid JSON ({e.msg})") from None
+        example = _parse(record, "tag", where, need_gold)
+        label = record.get("label")
+        if label is not None and not isinstance(label, str):
+            raise LlmkitError(f"{where}: 'label' (the intent) must be a string")
+        if need_gold and label is None:
+            raise LlmkitError(f"{where}: missing 'label' (the intent)")
+        out.append((example, label))
+    return out
+
+
+def _labels(rows, intents: list[str], slots: list[str]) -> None:
+    check_labels([e for e, _ in rows], slots)
+    check_labels([Example(e.inputs, label, e.where) for e, label in rows if label is not None], intents)
+
+
+# ---- intent + slots -----------------------------------------------------------------------------
+
+def finetune_intent_slots(base: str, train_path, out_dir, val_path=None, config: FinetuneConfig | None = None,
+                          intent_weight: float = 1.0, slot_weight: float = 1.0, log=print) -> dict:
+    """Fine-tune `base` with an intent head and a slot head, jointly; save to out_dir; return val metrics."""
+    cfg = config or FinetuneConfig()
+    train = read_joint(train_path)
+    val = read_joint(val_path) if val_path is not None else None
+    if val is None:
+        train, val = _split(train, cfg.val_fraction, cfg.seed)
+    intents = label_list([Example(e.inputs, label, e.where) for e, label in train], "classify")
+    slots = label_list([e for e, _ in train], "tag")
+    _labels(val, intents, slots)
+    base_model, tokenizer = load_encoder(base, cfg.device)
+    torch.manual_seed(cfg.seed)  # the heads' init
+    heads = {INTENT: {"kind": "classify", "labels": intents, "weight": intent_weight},
+             SLOTS: {"kind": "tag", "labels": slots, "weight": slot_weight}}
+    model = multitask_from(base_model, heads)
+    del base_model
+    features = encode_examples(tokenizer, [e for e, _ in train], "tag", slots)
+    intent_ids = [intents.index(label) for _, label in train]
+    pad = model.config.pad_token_id
+
+    def batch(idx):
+        ids, mask = pad_batch([features[i][0] for i in idx], pad)
+        tags = pad_batch([features[i][1] for i in idx], -100)[0]
+        return {"input_ids": ids, "attention_mask": mask,
+                "targets": {INTENT: torch.tensor([intent_ids[i] for i in idx]), SLOTS: tags}}
+
+    first = [True]
+
+    def evaluate():
+        warn, first[0] = first[0], False
+        return score_joint(val, predict_joint(model, tokenizer, [e for e, _ in val], warn=warn)) if val else {}
+
+    metrics = fit(model, len(features), batch, cfg, evaluate, log)
+    save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
+    return metrics
+
+
+def slot_values(words: list[str], tags: list[str]) -> dict[str, str]:
+    """{slot: its words joined by spaces}; a slot tagged twice keeps its last span (the latest mention)."""
+    return {kind: " ".join(words[start:end]) for kind, start, end in bio_spans(tags)}
+
+
+@torch.inference_mode()
+def predict_joint(model: MultiTaskEncoder, tokenizer, examples: list[Example], batch_size: int = 32,
+                  warn: bool = True) -> list[dict]:
+    """{"intent", "score", "tags", "slots"} per example; words cut off by truncation are tagged "O"."""
+    if not isinstance(model, MultiTaskEncoder) or set(model.head_specs) != {INTENT, SLOTS}:
+        raise LlmkitError("this model is not a joint intent-slots model; train one with "
+                          "`llmkit finetune --task intent-slots`")
+    was_training = model.training
+    model.eval()
+    intents, slots = model.head_specs[INTENT]["labels"], model.head_specs[SLOTS]["labels"]
+    features = encode_examples(tokenizer, examples, "tag", None, warn)
+    device = next(model.parameters()).device
+    out: list[dict] = [{} for _ in examples]
+    for idx in length_sorted_batches([len(f[0]) for f in features], batch_size):
+        ids, mask = pad_batch([features[i][0] for i in idx], model.config.pad_token_id)
+        logits, _ = model(ids.to(device), attention_mask=mask.to(device))
+        probs = logits[INTENT].float().softmax(-1).cpu()
+        best_tags = logits[SLOTS].argmax(-1).cpu()
+        for row, i in enumerate(idx):
+            score, k = probs[row].max(-1)
+            tags = [slots[int(best_tags[row, p])] if p is not None else "O" for p in features[i][2]]
+            out[i] = {"intent": intents[int(k)], "score": round(float(score), 6), "tags": tags,
+                      "slots": slot_values(examples[i].inputs, tags)}
+    model.train(was_training)
+    return out
+
+
+def score_joint(rows, preds: list[dict]) -> dict:
+    """Intent accuracy and seqeval-style (exact span) slot precision / recall / F1."""
+    scored = [(e, label, p) for (e, label), p in zip(rows, preds) if label is not None]
+    spans = entity_scores([e.gold for e, _, _ in scored], [p["tags"] for _, _, p in scored])
+    return {"intent_accuracy": accuracy([label for _, label, _ in scored], [p["intent"] for _, _, p in scored]),
+            "slot_f1": spans["f1"], "slot_precision": spans["precision"], "slot_recall": spans["recall"],
+            "examples": len(scored)}
+
+
+def is_joint(path) -> bool:
+    """True for an llmkit encoder dir whose config.json names a multi-task model (no loading)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("task") == "multi"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_predict_joint(model, tokenizer, input_path) -> tuple[list[str], dict | None]:
+    """`llmkit predict` on a joint model: JSONL lines and, when gold is given, the scores."""
+    rows = read_joint(input_path, need_gold=False)
+    _labels(rows, model.head_specs[INTENT]["labels"], model.head_specs[SLOTS]["labels"])  # before any output
+    preds = predict_joint(model, tokenizer, [e for e, _ in rows])
+    lines = [json.dumps({"tokens": e.inputs, **p}, ensure_ascii=False) + "\n" for (e, _), p in zip(rows, preds)]
+    gold = [(r, p) for r, p in zip(rows, preds) if r[1] is not None and r[0].gold is not None]
+    return lines, (score_joint(*map(list, zip(*gold))) if gold else None)
