@@ -8,6 +8,9 @@ strategy=fsdp, float32, fused AdamW) on random tokens, and reports per rank:
   ms/step     median over --steps steps after 3 warm-up steps, the slower rank
   state MB    parameters + gradients + AdamW moments this rank holds (FSDP: its shards)
   peak MB     peak resident memory of the process minus its resident memory before the model was built
+              (in brackets: the peak reached by the end of set-up, when every rank still builds the whole
+              model before sharding it)
+  resident MB resident memory after the timed steps, minus the same baseline
 Rows:
   llama-tiny  the preset (4 layers x 256, vocab 4096), batch 8 x 128 tokens: compute-bound, the speed row
   deep        16 layers x 512, vocab 4096, batch 2 x 16 tokens: ~46M parameters, nearly all in blocks
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
@@ -70,6 +74,7 @@ def worker(spec: str) -> None:
                  "progress=false", "peak_flops=1e11", "eval_interval=0", "threads=1"]
     overrides += [f"model.{k}={v}" for k, v in row["model"].items()]
     trainer = Trainer(load_train_config(None, overrides))
+    init_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # building + sharding the model
     times = []
     for i in range(args.steps + 3):
         t = time.perf_counter()
@@ -85,7 +90,8 @@ def worker(spec: str) -> None:
     state = 2 * param_bytes + moments  # gradients are as large as the parameters a rank holds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps({"rank": rank, "ms": 1000 * float(np.median(times)), "state_mb": state / 2**20,
-                                  "peak_mb": peak - base}), flush=True)
+                                  "peak_mb": peak - base, "init_mb": init_peak - base,
+                                  "steady_mb": rss_mb() - base}), flush=True)
     trainer.close()  # also leaves the process group it created
 
 
@@ -99,7 +105,8 @@ def launch(row: str, strategy: str, steps: int, data: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    # both ranks print to one pipe: their lines may interleave, so pick the records out of the text
+    results = [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
     if proc.returncode or len(results) != 2:
         raise SystemExit(f"{row}/{strategy} failed:\n{proc.stderr[-3000:]}")
     return results
@@ -125,7 +132,8 @@ def main() -> None:
     isa = torch.backends.cpu.get_cpu_capability()
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores visible, torch CPU capability {isa}); torch {torch.__version__}; "
           f"2 processes x 1 thread, gloo; median of {args.steps} steps")
-    print("| row | strategy | ms/step | state MB/rank | peak MB/rank |\n|---|---|---:|---:|---:|")
+    print("| row | strategy | ms/step | state MB/rank | peak MB/rank (peak by end of set-up) | "
+          "resident MB/rank after the steps |\n|---|---|---:|---:|---:|---:|")
     for row in args.rows.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             measured = {}
@@ -133,8 +141,9 @@ def main() -> None:
                 r = launch(row, strategy, args.steps, Path(tmp))
                 measured[strategy] = max(x["ms"] for x in r)
                 print(f"| {row} | {strategy} | {measured[strategy]:.1f} | {max(x['state_mb'] for x in r):.0f} | "
-                      f"{max(x['peak_mb'] for x in r):.0f} |", flush=True)
-            print(f"| {row} | fsdp / ddp | {measured['fsdp'] / measured['ddp']:.2f}x | | |", flush=True)
+                      f"{max(x['peak_mb'] for x in r):.0f} ({max(x['init_mb'] for x in r):.0f}) | "
+                      f"{max(x['steady_mb'] for x in r):.0f} |", flush=True)
+            print(f"| {row} | fsdp / ddp | {measured['fsdp'] / measured['ddp']:.2f}x | | | |", flush=True)
 
 
 if __name__ == "__main__":

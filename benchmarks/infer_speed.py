@@ -24,7 +24,18 @@ Engines:
                    fp32 weights column-major (llmkit.infer.cpu.decode_layout)
   llmkit-compiled  Decoder(compile=True) (static KV cache, compiled block; "warm-up s" includes
                    compiling it)
-  transformers     LlamaForCausalLM with its DynamicCache (the path model.generate() takes)
+  transformers     LlamaForCausalLM with its DynamicCache (the path model.generate() takes); the
+                   reference of the float rows ("vs reference"), as llama.cpp is of the quantized rows
+Quantized rows (--quant q4_1,q8_0; one per format and engine, on one GGUF file each: q4_1 is the
+embedded file as shipped, q8_0 the same weights written by `llmkit convert --to gguf --type q8_0`):
+  llmkit           the GGUF's blocks used in place (llmkit.infer.quant), as `llmkit generate` loads it;
+                   "load s" is load + the first token of a one-word prompt (the kernels already built)
+  llama.cpp        llama-cpp-python on the same file with the same threads, when `llama_cpp` is
+                   importable: `CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+                   pip install llama-cpp-python==0.3.36` (a ~10-minute source build; on CPUs with AMX add
+                   -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF: the default
+                   build crashes in decode there). A benchmark dependency only.
+The header names the CPU and the instruction sets llmkit's quantized kernels use.
 Reference numbers for this machine class (2 cores): transformers 5.23 decodes ~17.9 tok/s (fp32) and
 ~25 (bf16), prefills ~614 / ~1,135 tok/s; llama.cpp (Q4_1) decodes ~139 tok/s.
 """
@@ -141,6 +152,60 @@ def run_transformers(model_dir, dtype, ids, new_tokens, repeats):
         return measure(prefill, decode, repeats)
 
 
+def run_llmkit_quantized(gguf_path, ids, new_tokens, repeats):
+    """llmkit on the GGUF's own blocks; also (load + first token) seconds."""
+    from llmkit.infer import quant
+    from llmkit.io.resolve import resolve_model
+
+    quant.available()  # built (and cached) before the clock starts, as after a first run
+    start = time.perf_counter()
+    model, tokenizer = resolve_model(gguf_path)
+    with torch.inference_mode():
+        model(torch.tensor([tokenizer.encode("Hello")]), last_only=True)[0].argmax()
+    load = time.perf_counter() - start
+    x = torch.tensor([ids])
+
+    def prefill():
+        cache = model.new_cache(1, len(ids) + new_tokens)
+        return model(x, cache=cache, last_only=True)[0][:, -1], cache
+
+    def decode(logits, cache):
+        out, tok = [], logits.argmax(-1, keepdim=True)
+        for _ in range(new_tokens):
+            out.append(int(tok))
+            tok = model(tok, cache=cache, last_only=True)[0][:, -1].argmax(-1, keepdim=True)
+        return out
+
+    with torch.inference_mode():
+        return (*measure(prefill, decode, repeats), load)
+
+
+def run_llama_cpp(gguf_path, ids, new_tokens, repeats, threads):
+    """llama-cpp-python on the same file: eval of the prompt, then one eval per greedy token."""
+    import llama_cpp
+    import numpy as np
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=len(ids) + new_tokens + 8, n_batch=len(ids),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval(llm.tokenize(b"Hello", add_bos=False))
+    load = time.perf_counter() - start
+
+    def prefill():
+        llm.reset()
+        llm.eval(ids)
+        return llm.scores[llm.n_tokens - 1].copy(), None
+
+    def decode(logits, _):
+        out, tok = [], int(np.argmax(logits))
+        for _ in range(new_tokens):
+            out.append(tok)
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return out
+    return (*measure(prefill, decode, repeats), load)
+
+
 def measure(prefill, decode, repeats):
     """Best (wall, CPU) seconds of prefill and of decode over `repeats` runs after a warm-up."""
     warmup = timed(lambda: decode(*prefill()))[0]  # includes compilation, for the compiled engine
@@ -161,15 +226,33 @@ def measure(prefill, decode, repeats):
     return best["prefill"], best["decode"], tokens, warmup
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss across fork + exec, so a child would report its parent's peak (1.5 GB here) as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args) -> None:
     """One (engine, dtype) row; prints one JSON line."""
     from llmkit.tokenizer import Tokenizer
 
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES.get(args.dtype)  # None for the quantized rows (args.gguf)
     ids = prompt_ids(Tokenizer.load(Path(args.model_dir) / "tokenizer.json"), args.prompt_tokens)
     nan = (float("nan"),) * 2
-    if args.engine == "matmul-floor":
+    load = float("nan")
+    if args.gguf:
+        run = run_llama_cpp if args.engine == "llama.cpp" else run_llmkit_quantized
+        extra = (args.threads,) if args.engine == "llama.cpp" else ()
+        prefill, decode, tokens, warmup, load = run(args.gguf, ids, args.new_tokens, args.repeats, *extra)
+        n_new = args.new_tokens
+    elif args.engine == "matmul-floor":
         step = run_floor(args.model_dir, dtype, args.repeats)
         prefill, decode, tokens, warmup, n_new = nan, step, None, 0.0, 1
     elif args.engine == "transformers":
@@ -184,17 +267,34 @@ def child(args) -> None:
     print(json.dumps({"engine": args.engine, "dtype": args.dtype, "prompt": len(ids),
                       "prefill_tok_s": len(ids) / prefill[0], "decode_tok_s": n_new / decode[0],
                       "decode_cpu_tok_s": n_new / decode[1],
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "warmup_s": warmup, "tokens": tokens}))
+                      "peak_rss_mb": peak_rss_mb(),
+                      "warmup_s": warmup, "load_s": load, "tokens": tokens}))
 
 
 def print_row(r: dict, reference: dict | None, key: str) -> None:
     ratio = f"{r[key] / reference[key]:.2f}x" if reference else "-"
     same = "" if not reference or r["tokens"] in (None, reference["tokens"]) else "  (greedy tokens differ)"
     prompt = r["prompt"] if r["tokens"] is not None else "-"
+    load = "" if r.get("load_s") != r.get("load_s") or r.get("load_s") is None else f"  load+first token {r['load_s']:.2f} s"
     print(f"{r['engine']:<16} {r['dtype']:<5} {prompt:>6} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
-          f"{r['decode_cpu_tok_s']:>15.1f} {ratio:>16} {r['peak_rss_mb']:>12.0f} {r['warmup_s']:>10.1f}{same}",
+          f"{r['decode_cpu_tok_s']:>15.1f} {ratio:>16} {r['peak_rss_mb']:>12.0f} {r['warmup_s']:>10.1f}{same}{load}",
           flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def quant_isa() -> str:
+    from llmkit.infer import quant
+    return f"{quant.isa_name()} (this CPU: {', '.join(quant.supported_isas()) or 'none'})"
 
 
 def main() -> None:
@@ -203,6 +303,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--engines", default="matmul-floor,llmkit,llmkit-pytorch,llmkit-compiled,transformers")
+    parser.add_argument("--quant", default="q4_1,q8_0", help="GGUF formats for the quantized rows ('' for none)")
+    parser.add_argument("--quant-engines", default="llmkit,llama.cpp")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads per engine; 1 makes CPU-time tok/s robust to a busy machine")
@@ -210,6 +312,7 @@ def main() -> None:
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -218,30 +321,62 @@ def main() -> None:
     from llmkit.io.resolve import resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = resolve_model("smollm2-135m-instruct")
+        model, tokenizer = resolve_model("smollm2-135m-instruct", dtype="float32")
         save_hf(model, tokenizer, tmp)   # the dequantized weights, shared by every row
         del model
-        print(f"torch {torch.__version__}, {args.threads} threads; SmolLM2-135M-Instruct (Q4_1 GGUF "
-              f"dequantized), batch 1, {args.new_tokens} greedy tokens", flush=True)
+        print(f"{cpu_name()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), llmkit "
+              f"quantized kernels: {quant_isa()}; {args.threads} threads; SmolLM2-135M-Instruct (float rows: "
+              f"the Q4_1 GGUF dequantized), batch 1, {args.new_tokens} greedy tokens", flush=True)
         header = f"{'engine':<16} {'dtype':<5} {'prompt':>6} {'prefill tok/s':>14} {'decode tok/s':>13} " \
-                 f"{'CPU-time tok/s':>15} {'vs transformers':>16} {'peak RSS MB':>12} {'warm-up s':>10}"
+                 f"{'CPU-time tok/s':>15} {'vs reference':>16} {'peak RSS MB':>12} {'warm-up s':>10}"
         # one thread: compare CPU time, which a busy machine hardly changes; more: wall time (quiet machine)
         key = "decode_cpu_tok_s" if args.threads == 1 else "decode_tok_s"
         print(header + "\n" + "-" * len(header), flush=True)
         # transformers first, so every other row can be compared with it as soon as it is done
         engines = sorted(args.engines.split(","), key=lambda e: e != "transformers")
-        for dtype in args.dtypes.split(","):
+        for dtype in filter(None, args.dtypes.split(",")):
             reference = None
             for engine in engines:
-                cmd = [sys.executable, __file__, "--child", "--engine", engine, "--dtype", dtype, "--model-dir", tmp,
-                       "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"{engine:<16} {dtype:<5} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-                    continue
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row = run_child(args, engine, dtype, tmp)
                 reference = row if engine == "transformers" else reference
+                if row:
+                    print_row(row, reference, key)
+        quantized_rows(args, tmp, key)
+
+
+def run_child(args, engine: str, dtype: str, model_dir: str, gguf=None) -> dict | None:
+    """One row in its own process; None (and a line saying why) when it fails."""
+    cmd = [sys.executable, __file__, "--child", "--engine", engine, "--dtype", dtype, "--model-dir", model_dir,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--repeats", str(args.repeats), "--threads", str(args.threads), *(["--gguf", str(gguf)] if gguf else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{engine:<16} {dtype:<5} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def quantized_rows(args, tmp: str, key: str) -> None:
+    """llmkit and llama.cpp on the same GGUF file per format, side by side (llama.cpp is the reference)."""
+    import importlib.util
+
+    from llmkit.io.resolve import convert, embedded_model_path
+
+    formats = [f for f in args.quant.split(",") if f]
+    if not formats:
+        return
+    engines = [e for e in args.quant_engines.split(",") if e != "llama.cpp" or importlib.util.find_spec("llama_cpp")]
+    if "llama.cpp" in args.quant_engines.split(",") and "llama.cpp" not in engines:
+        print("(no llama.cpp row: llama_cpp is not importable; see the docstring to install it)", flush=True)
+    for fmt in formats:
+        path = embedded_model_path("smollm2-135m-instruct")
+        if fmt != "q4_1":  # the same weights in another format
+            path = convert(path, Path(tmp) / f"smollm2-{fmt}.gguf", to="gguf", gguf_type=fmt)
+        reference = None
+        for engine in sorted(engines, key=lambda e: e != "llama.cpp"):
+            row = run_child(args, engine, fmt, tmp, gguf=path)
+            reference = row if engine == "llama.cpp" else reference
+            if row:
                 print_row(row, reference, key)
 
 

@@ -48,14 +48,14 @@ def decode_once(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 def measure(model_dirs: list[str], new_tokens: int = 64, repeats: int = 3) -> list[dict]:
-    from llmkit.infer.compiled import decode_layout
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
     models = []
     for name in model_dirs:
         model, tok = resolve_model(name)
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-        models.append((name, decode_layout(model.eval()), ids))
+        models.append((name, optimize_for_inference(model.eval(), single_row=True), ids))  # as `llmkit generate`
     best = {name: [float("inf"), float("inf")] for name, _, _ in models}
     with torch.inference_mode():
         for name, model, ids in models:  # warm-up: kernels built, caches touched

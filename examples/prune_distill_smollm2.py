@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,8 @@ def recover(args, out: Path, data: Path) -> dict:
                      "progress=false", "peak_flops=1e11"]
         run_distill(str(out / "original"), str(out / "pruned"), data, target, overrides,
                     temperature=1.0, alpha=args.alpha, top_k=args.top_k, max_steps=args.steps)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the trainer saves the data's tokenizer,
+        shutil.copy(out / "original" / name, target / name)    # which has no chat template
     logged = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
     info = {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"], "train_s": steps[-1]["elapsed"],

@@ -36,8 +36,10 @@ def train(
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
     preset: str = typer.Option(None, "--preset", help="model preset name"),
     max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps to train for"),
-    objective: str = typer.Option(None, "--objective", help="causal (default), mlm or contrastive (encoders)"),
-    base_model: str = typer.Option(None, "--model", help="encoder to start from (--objective contrastive)"),
+    objective: str = typer.Option(None, "--objective", help="causal (default), mlm or contrastive (encoders), "
+                                                          "seq2seq (encoder-decoder, on `prepare --pairs` data)"),
+    base_model: str = typer.Option(None, "--model", help="model to start from (--objective contrastive: an encoder; "
+                                                         "seq2seq: a Marian/BART/T5 or llmkit seq2seq dir)"),
 ):
     """Train a model on a prepared data dir (single process, or under torchrun for DDP)."""
     from llmkit.train.losses import ENCODER_OBJECTIVES
@@ -47,7 +49,11 @@ def train(
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
                                objective=objective, init_from=init_from, overwrite=overwrite or None)
-    if config.objective in ENCODER_OBJECTIVES:
+    if config.objective == "seq2seq":
+        from llmkit.train.seq2seq import Seq2SeqTrainer
+
+        trainer = Seq2SeqTrainer(config, model=base_model, resume=resume)
+    elif config.objective in ENCODER_OBJECTIVES:
         from llmkit.train.encoder import EncoderTrainer
 
         trainer = EncoderTrainer(config, model=base_model, resume=resume)
@@ -76,6 +82,7 @@ def eval_(
     gen: str = typer.Option(None, "--gen", help="generation JSONL (prompt, reference): exact match, BLEU, chrF, ROUGE"),
     chat: bool = typer.Option(False, "--chat", help="--mc/--gen: ask through the model's chat template"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--gen: longest answer in tokens"),
+    num_beams: int = typer.Option(1, "--num-beams", help="--gen: beam search with this many beams (1 = greedy)"),
     output: str = typer.Option(None, "--output", help="also write all results (with per-item predictions) as JSON"),
     qa: str = typer.Option(None, "--qa", help="SQuAD-style JSONL for a QA model: exact match and F1"),
 ):
@@ -93,7 +100,7 @@ def eval_(
         if data:
             raise LlmkitError("--data cannot be combined with --mc/--gen; use --text for perplexity")
         results = evaluate_tasks(model, text_file=text, mc_file=mc, gen_file=gen, batch_size=batch_size,
-                                 chat=chat, max_new_tokens=max_new_tokens, device=device)
+                                 chat=chat, max_new_tokens=max_new_tokens, device=device, num_beams=num_beams)
         if output:
             with atomic_open(output) as f:
                 json.dump(results, f, indent=2)
@@ -129,6 +136,11 @@ def generate_cmd(
     dtype: str = typer.Option(None, "--dtype", help="float32 (default), bfloat16 or float16: half the bytes "
                                                     "read per token, so faster decoding"),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print each prompt before its completion"),
+    num_beams: int = typer.Option(1, "--num-beams", help="beam search with this many beams (deterministic)"),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="beams: >0 favours longer outputs"),
+    early_stopping: str = typer.Option("false", "--early-stopping", help="beams: true, false or never"),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="beams: forbid repeated n-grams"),
+    num_return_sequences: int = typer.Option(1, "--num-return-sequences", help="beams: best N outputs per prompt"),
     json_schema: str = typer.Option(None, "--json-schema", help="JSON schema file: the output is JSON following it"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
@@ -147,7 +159,17 @@ def generate_cmd(
                             json_schema=_read_schema(json_schema))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    beam = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences)
+    use_beams = num_beams != 1 or no_repeat_ngram_size != 0 or num_return_sequences != 1
+    if use_beams:
+        from llmkit.infer.beam import BeamParams
+
+        BeamParams(max_new_tokens=max_new_tokens, **beam)  # bad values fail before the model loads
     net, tokenizer = resolve_model(model, device=device, dtype=dtype)
+    if use_beams or getattr(net, "arch", None) == "seq2seq":  # an encoder-decoder answers whole outputs
+        _print_beams(net, tokenizer, [prompt] if prompt_file is None else _read_prompts(prompt_file), params, beam, echo)
+        return
     optimize_for_inference(net, single_row=prompt_file is None)
     if prompt_file is None:
         for i in range(num_samples):
@@ -160,13 +182,7 @@ def generate_cmd(
                 sys.stdout.flush()
         print()
         return
-    try:
-        with open(prompt_file, encoding="utf-8") as f:
-            prompts = [line for line in f.read().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmkitError(f"cannot read prompt file {prompt_file}: {e}") from None
-    if not prompts:
-        raise LlmkitError(f"prompt file {prompt_file} has no prompts")
+    prompts = _read_prompts(prompt_file)
     batch = [p for p in prompts for _ in range(num_samples)]
     for i, (p, completion) in enumerate(zip(batch, generate(net, tokenizer, batch, params))):
         if i:
@@ -224,10 +240,12 @@ def chat_cmd(
 @app.command("convert")
 def convert_cmd(
     src: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
-    dst: str = typer.Argument(..., help="output directory"),
-    to: str = typer.Option("llmkit", "--to", help="llmkit or hf"),
+    dst: str = typer.Argument(..., help="output directory (a .gguf file with --to gguf)"),
+    to: str = typer.Option("llmkit", "--to", help="llmkit, hf or gguf"),
+    gguf_type: str = typer.Option("f16", "--type", help="GGUF tensors: f32, f16, q8_0, q4_0 or q4_1"),
 ):
-    """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory."""
+    """Convert a GGUF, HF or llmkit checkpoint into an llmkit (or, with --to hf, a Hugging Face) directory,
+    or with --to gguf into a GGUF file that llama.cpp and transformers load."""
     from llmkit.io.encoders import is_encoder
     from llmkit.io.resolve import convert
 
@@ -237,7 +255,7 @@ def convert_cmd(
 
         print(f"wrote hf model to {save_hf_bert(*load_encoder(src), dst)}")
         return
-    out = convert(src, dst, to=to)
+    out = convert(src, dst, to=to, gguf_type=gguf_type)
     print(f"wrote {to} model to {out}")
 
 
@@ -250,11 +268,16 @@ def prepare_cmd(
     vocab_size: int = typer.Option(8192, "--vocab-size", help="vocabulary size when training bpe"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="share of documents (or tail tokens) for val"),
     seed: int = typer.Option(0, "--seed", help="seed of the train/val document split"),
+    pairs: bool = typer.Option(False, "--pairs", help="JSONL {source, target} pairs for --objective seq2seq "
+                                                      "(one joint vocabulary for both sides)"),
 ):
     """Tokenize text into train.bin / val.bin (+ meta.json, tokenizer.json) for `llmkit train`."""
     from llmkit.data.corpus import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
+    if pairs:
+        _prepare_pairs(inputs, out, tokenizer, vocab_size, val_fraction, seed)
+        return
     if tokenizer == "bpe":
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
@@ -487,6 +510,22 @@ def predict_cmd(
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
 
 
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
+    to: str = typer.Option(..., "--to", help="q8_0, q4_0 or q4_1"),
+    out: str = typer.Option(..., "--out", help="output directory (an llmkit model with quantized blocks)"),
+    text: str = typer.Option(..., "--text", help="text file: its first 90%% calibrates gptq, its last 10%% "
+                                                 "is the held-out perplexity text"),
+    method: str = typer.Option("rtn", "--method", help="rtn (round to nearest) or gptq (calibrated)"),
+    eval_text: str = typer.Option(None, "--eval", help="held-out text for perplexity instead of --text's tail"),
+):
+    """Quantize a model's linear layers into 32-value blocks; prints perplexity before and after."""
+    from llmkit.compress.quantize import quantize_command
+
+    r = quantize_command(model, out, to, method, text, eval_text)
+    print(f"{r['format']} ({r['method']}): perplexity {r['perplexity_before']:.3f} -> {r['perplexity_after']:.3f} "
+          f"on {r['tokens']} held-out tokens; wrote {r['out']}")
 @app.command("dialog")
 def dialog_cmd(
     domain: str = typer.Argument(..., help="domain YAML: intents, slots, required slots, prompts, actions"),
@@ -630,6 +669,47 @@ def prune_cmd(
     what = (f"{s['layers']} layers, {s['heads']} heads, MLP {s['mlp']}" if s["kind"] == "structured"
             else f"{s['sparsity']:.1%} of block weights zeroed ({s['method']})")
     print(f"{s['params_before']:,} -> {s['params_after']:,} parameters ({what}); saved to {out}")
+
+
+def _prepare_pairs(inputs, out, tokenizer: str, vocab_size: int, val_fraction: float, seed: int) -> None:
+    from llmkit.data.pairs import prepare_pairs, read_all_pairs
+    from llmkit.tokenizer import Tokenizer
+
+    texts = [text for pair in read_all_pairs(inputs) for text in pair]  # bad lines fail before training
+    if tokenizer == "bpe":
+        tok = Tokenizer.train_bpe(texts, vocab_size)
+    elif tokenizer == "char":
+        tok = Tokenizer.train_char(texts)
+    else:
+        tok = Tokenizer.load(tokenizer)
+    meta = prepare_pairs(inputs, out, tok, val_fraction=val_fraction, seed=seed)
+    print(f"{meta['pairs']['train']} train / {meta['pairs']['val']} val pairs ({meta['train_tokens']:,} train "
+          f"tokens, vocab {meta['vocab_size']}) in {out}")
+
+
+def _read_prompts(prompt_file: str) -> list[str]:
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            prompts = [line for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmkitError(f"cannot read prompt file {prompt_file}: {e}") from None
+    if not prompts:
+        raise LlmkitError(f"prompt file {prompt_file} has no prompts")
+    return prompts
+
+
+def _print_beams(net, tokenizer, prompts: list[str], params, beam: dict, echo: bool) -> None:
+    """`generate --num-beams`: each prompt's best outputs, best first, separated by ---."""
+    from llmkit.infer.generate import generate
+
+    outputs = generate(net, tokenizer, prompts, params, **beam)
+    first = True
+    for p, texts in zip(prompts, outputs):
+        for text in (texts if isinstance(texts, list) else [texts]):
+            if not first:
+                print("---")
+            first = False
+            print((p if echo else "") + text)
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def test_serving_engine_on_cuda_gives_the_cpu_greedy_text(tmp_path):
     async def go():
         engine.start()
         try:
-            job = engine.submit([tok.encode("The king")], SamplingParams(max_tokens=16, temperature=0))
+            job = engine.submit([tok.encode("The king")], SamplingParams(max_new_tokens=16, temperature=0))
             text = ""
             while True:
                 ev = await asyncio.wait_for(job.events.get(), timeout=60)

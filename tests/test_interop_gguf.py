@@ -193,7 +193,7 @@ NEW_TOKENS = 48
 @pytest.fixture(scope="module")
 def smollm():
     path = embedded_model_path("smollm2-135m-instruct")
-    ours, tok = resolve_model("smollm2-135m-instruct")
+    ours, tok = resolve_model("smollm2-135m-instruct", dtype="float32")  # the import itself, expanded
     optimize_for_inference(ours)  # as `llmkit generate` and `llmkit chat` run it: the CPU kernels included
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                             dtype=torch.float32).eval()

@@ -288,9 +288,10 @@ def text_metrics(predictions: list[str], references: list[list[str]]) -> dict:
 
 
 def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, batch_size: int = 8,
-               chat: bool = False, stop=None) -> dict:
-    """Greedy completions (llmkit.infer.generate) scored against the references by `text_metrics`.
-    `stop` defaults to a newline for plain prompts; chat replies end at the end-of-turn token."""
+               chat: bool = False, stop=None, num_beams: int = 1) -> dict:
+    """Greedy (or num_beams beam search) completions (llmkit.infer.generate) scored against the
+    references by `text_metrics`. `stop` defaults to a newline for plain prompts; chat replies end at
+    the end-of-turn token. Encoder-decoder models read each prompt as the source."""
     from llmkit.infer.generate import SamplingParams, generate
 
     stop = tuple(stop) if stop is not None else (() if chat else ("\n",))
@@ -298,7 +299,8 @@ def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, ba
     prompts = [_question_prompt(tokenizer, it["prompt"], True) if chat else it["prompt"] for it in items]
     outputs = []
     for i in range(0, len(prompts), batch_size):
-        outputs += generate(model, tokenizer, prompts[i:i + batch_size], params)
+        outputs += generate(model, tokenizer, prompts[i:i + batch_size], params,
+                            **({"num_beams": num_beams} if num_beams != 1 else {}))
     outputs = [o.strip() for o in outputs]
     metrics = text_metrics(outputs, [it["references"] for it in items])
     samples = [{"prompt": it["prompt"], "output": o, "references": it["references"]} for it, o in zip(items, outputs)]
@@ -326,7 +328,8 @@ def _cell(value) -> str:
 
 
 def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batch_size: int = 8,
-                   chat: bool = False, max_new_tokens: int = 64, device: str = "auto") -> list[dict]:
+                   chat: bool = False, max_new_tokens: int = 64, device: str = "auto",
+                   num_beams: int = 1) -> list[dict]:
     """Perplexity (text file), multiple choice and generation scores of any model `resolve_model`
     loads (what `llmkit eval --mc/--gen` runs). Inputs are all read and checked before scoring."""
     from pathlib import Path
@@ -356,5 +359,6 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
         results.append({"source": str(mc_file), **multiple_choice(model, tokenizer, mc_items, batch_size, chat)})
     if gen_items is not None:
         results.append({"source": str(gen_file),
-                        **generation(model, tokenizer, gen_items, max_new_tokens, batch_size, chat)})
+                        **generation(model, tokenizer, gen_items, max_new_tokens, batch_size, chat,
+                                     num_beams=num_beams)})
     return results

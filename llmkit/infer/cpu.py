@@ -113,7 +113,8 @@ class CpuAttention(CausalSelfAttention):
             last_slot = None if mask is None else getattr(cache, "last_slot", None)
             if mask is None or last_slot is not None:
                 return kernels.decode_attention(q, k, v, last_slot)
-        if mask is None and causal and not self.training and short_cpu_sequence(q, k):
+        # without a cache only (scoring, plotting): cached prefill keeps SDPA's numerics, as before
+        if cache is None and mask is None and causal and not self.training and short_cpu_sequence(q, k):
             if self.n_head != self.n_kv_head:
                 k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
             return matmul_attention(q, k, v, torch.ones(T, T, dtype=torch.bool, device=q.device).tril())

@@ -356,15 +356,27 @@ def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     return SamplingParams(**{**params.__dict__, **overrides}) if overrides else params
 
 
+BEAM_OPTIONS = ("num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "num_return_sequences")
+
+
 def generate(model, tokenizer, prompts: str | list[str], params: SamplingParams | None = None, *,
              compile: bool = False, **overrides) -> str | list[str]:
     """Completions of one prompt (str in, str out) or a batch (list in, list out).
-    Keyword overrides are SamplingParams fields, e.g. generate(m, tok, "Hi", max_new_tokens=20);
+    Keyword overrides are SamplingParams fields, e.g. generate(m, tok, "Hi", max_new_tokens=20), or
+    beam search options (llmkit.infer.beam.BeamParams): num_beams=4, length_penalty, early_stopping,
+    no_repeat_ngram_size, num_return_sequences (> 1: a list of texts per prompt, best first);
     compile=True decodes through compiled steps (prompts of equal token length)."""
+    beam = {k: overrides.pop(k) for k in BEAM_OPTIONS if k in overrides}
     params = _params(params, overrides)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if not batch:
         return []
+    if (beam and beam != {"num_beams": 1}) or getattr(model, "arch", None) == "seq2seq":
+        from llmkit.infer.beam import BeamParams, generate_beams
+
+        beams = generate_beams(model, tokenizer, batch, params, BeamParams(max_new_tokens=params.max_new_tokens, **beam))
+        texts = [hyps[0] if len(hyps) == 1 else hyps for hyps in beams]
+        return texts[0] if isinstance(prompts, str) else texts
     pieces: list[list[str]] = [[] for _ in batch]
     for i, piece in _decode_rows(model, tokenizer, batch, params, compile):
         pieces[i].append(piece)

@@ -38,34 +38,38 @@ def _compiler() -> str | None:
     return next((c for c in (os.environ.get("CXX"), "c++", "g++") if c and shutil.which(c)), None)
 
 
-def _build_command(compiler: str, output: Path) -> list[str]:
+def _build_command(compiler: str, output: Path, source: Path = SOURCE, flags=FLAGS) -> list[str]:
     from torch.utils import cpp_extension
 
     abi = int(torch.compiled_with_cxx11_abi())
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
-    return [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", str(output),
+    return [compiler, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(source), "-o", str(output),
             *libs, "-lc10", "-ltorch_cpu"]
 
 
-def _library_path(compiler: str) -> Path:
-    """The built library, named by a hash of everything that goes into it."""
-    key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(" ".join(_build_command(compiler, Path("out"))).encode())
+def _library_path(compiler: str, source: Path = SOURCE, flags=FLAGS, includes=()) -> Path:
+    """The built library, named by a hash of everything that goes into it (`includes`: files the source includes)."""
+    key = hashlib.sha256(source.read_bytes())
+    for path in includes:
+        key.update(path.read_bytes())
+    key.update(" ".join(_build_command(compiler, Path("out"), source, flags)).encode())
     key.update(torch.__version__.encode())
     cache = Path(os.environ.get("LLMKIT_CACHE") or Path.home() / ".cache" / "llmkit")
-    return cache / "kernels" / f"llmkit_kernels_{key.hexdigest()[:16]}.so"
+    return cache / "kernels" / f"llmkit_{source.stem}_{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str) -> Path:
-    path = _library_path(compiler)
+def _build(compiler: str, source: Path = SOURCE, flags=FLAGS, includes=()) -> Path:
+    """Build `source` into a cached shared library once (see the module docstring); its path."""
+    path = _library_path(compiler, source, flags, includes)
     path.parent.mkdir(parents=True, exist_ok=True)
     # One process builds while the others (pytest workers, a server's threads) wait for its result.
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             with atomic_path(path) as partial:
-                result = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True)
+                result = subprocess.run(_build_command(compiler, partial, source, flags), capture_output=True,
+                                        text=True)
                 if result.returncode != 0:
                     raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
     return path

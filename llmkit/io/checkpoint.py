@@ -112,10 +112,13 @@ def load_checkpoint(path, device="cpu"):
 
     path = Path(path)
     meta = read_meta(path)
-    if meta.get("arch", "decoder") != "decoder":
+    if meta.get("arch", "decoder") == "seq2seq":
+        from llmkit.model.seq2seq import Seq2Seq, Seq2SeqConfig
+        model = Seq2Seq(Seq2SeqConfig.from_dict(meta["model"]))
+    elif meta.get("arch", "decoder") != "decoder":
         raise LlmkitError(f"{path} holds a {meta['arch']!r} model, not a decoder")
-    config = ModelConfig.from_dict(meta["model"])
-    model = GPT(config)
+    else:
+        model = GPT(ModelConfig.from_dict(meta["model"]))
     load_model_weights(model, path, meta)
     tok_path = path / TOKENIZER_FILE
     if not tok_path.exists():

@@ -178,6 +178,9 @@ def load_hf(model_dir, device="cpu"):
     """(model, tokenizer) from a Hugging Face model directory."""
     model_dir = Path(model_dir)
     hf_config = read_json(model_dir / "config.json")
+    if hf_config.get("model_type") in ("marian", "bart", "t5"):
+        from llmkit.io.hf_seq2seq import load_hf_seq2seq
+        return load_hf_seq2seq(model_dir, device)
     try:
         config = config_from_hf(hf_config, model_dir / "config.json")
     except KeyError as e:

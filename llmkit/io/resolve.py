@@ -89,13 +89,18 @@ def resolve_path(name_or_path) -> Path:
 def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     """(model, tokenizer) for a short name, a .gguf file, an llmkit or a Hugging Face directory.
 
-    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it,
-    default float32 (what GGUF weights are dequantized to).
+    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it.
+    Quantized weights (a GGUF's q8_0/q4_0/q4_1 blocks, an `llmkit quantize` directory) stay quantized
+    on the CPU when `dtype` is None (llmkit.infer.quant); a dtype expands them to floats.
     """
     path = resolve_path(name_or_path)
     kind = model_format(path)
+    keep_blocks = dtype is None and torch.device(device).type == "cpu"
     if kind == "adapter":
         model, tokenizer = _load_adapter_model(path)
+    elif kind == "gguf" and keep_blocks:
+        from llmkit.io.gguf_blocks import load_gguf_quantized
+        model, tokenizer = load_gguf_quantized(path)
     elif kind == "gguf":
         from llmkit.io.gguf import load_gguf
         model, tokenizer = load_gguf(path)
@@ -103,8 +108,13 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
         from llmkit.io.hf import load_hf
         model, tokenizer = load_hf(path)
     else:
-        from llmkit.io.checkpoint import load_checkpoint
-        model, tokenizer = load_checkpoint(path)
+        from llmkit.io.checkpoint import load_checkpoint, read_meta
+        meta = read_meta(path)
+        if "quantization" in meta:  # an `llmkit quantize` directory
+            from llmkit.compress.quantize import load_quantized
+            model, tokenizer = load_quantized(path, meta, expand=not keep_blocks)
+        else:
+            model, tokenizer = load_checkpoint(path)
     dtype = parse_dtype(dtype)
     if dtype is not None:
         model = model.to(dtype)
@@ -143,21 +153,34 @@ def _load_adapter_model(path: Path):
         raise LlmkitError(f"adapter {path} does not name its base model (\"base\" in adapter_config.json)")
     if Path(base).expanduser().resolve() == path.resolve():
         raise LlmkitError(f"adapter {path} names itself as its base model")
-    model, tokenizer = resolve_model(base)
+    model, tokenizer = resolve_model(base, dtype="float32")  # the adapter merges into float weights
     load_adapter(model, path)
     return merge_lora(model), tokenizer
 
 
-def convert(src, dst, to: str = "llmkit") -> Path:
-    """Convert any model `resolve_model` reads into an llmkit ('llmkit') or Hugging Face ('hf') directory."""
-    if to not in ("llmkit", "hf"):
-        raise LlmkitError(f"unknown target format {to!r} (llmkit, hf)")
+def convert(src, dst, to: str = "llmkit", gguf_type: str = "f16") -> Path:
+    """Convert any model `resolve_model` reads into an llmkit ('llmkit') or Hugging Face ('hf') directory,
+    or a GGUF file ('gguf', tensors of `gguf_type`: f32, f16, q8_0, q4_0 or q4_1)."""
+    if to not in ("llmkit", "hf", "gguf"):
+        raise LlmkitError(f"unknown target format {to!r} (llmkit, hf, gguf)")
     src_path, dst = resolve_path(src), Path(dst)
     if dst.exists() and dst.resolve() == src_path.resolve():
         raise LlmkitError(f"{dst}: the destination is the source")
+    if to == "gguf":
+        from llmkit.io.gguf_write import TYPES, save_gguf
+        if gguf_type not in TYPES:
+            raise LlmkitError(f"unsupported GGUF tensor type {gguf_type!r} (supported: {', '.join(TYPES)})")
+        if dst.is_dir():
+            raise LlmkitError(f"{dst} is a directory; the GGUF destination must be a file")
+        # quantized sources keep their blocks when a quantized type is asked for
+        model, tokenizer = resolve_model(src_path, dtype=None if gguf_type.startswith("q") else "float32")
+        return save_gguf(model, tokenizer, dst, gguf_type)
     if dst.is_file():
         raise LlmkitError(f"{dst} is a file; the destination must be a directory")
-    model, tokenizer = resolve_model(src_path)
+    model, tokenizer = resolve_model(src_path, dtype="float32")
+    if to == "hf" and getattr(model, "arch", None) == "seq2seq":
+        from llmkit.io.hf_seq2seq import save_hf_seq2seq
+        return save_hf_seq2seq(model, tokenizer, dst)
     if to == "hf":
         from llmkit.io.hf import save_hf
         return save_hf(model, tokenizer, dst)

@@ -165,6 +165,8 @@ class Streamer:
 
     async def respond(self, request, body, prompts: list[list[int]], chat: bool, plan=None):
         params = self._params(body, prompts, chat, await run_in_threadpool(self._grammar, body, plan))
+        if body.num_beams > 1:
+            return await self._beams(body, prompts, params, chat)
         echoes = await run_in_threadpool(self._echoes, body, prompts, params)
         try:
             job = self.engine.submit(prompts, params, n=body.n)
@@ -187,6 +189,37 @@ class Streamer:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(request, job, head, chat, prompt_tokens, params, echoes, body.n, plan)
+
+    async def _beams(self, body, prompts: list[list[int]], params: SamplingParams, chat: bool):
+        """Beam search beside the batching engine (on a worker thread): the best `n` hypotheses per prompt."""
+        from starlette.concurrency import run_in_threadpool
+
+        from llmkit.infer.beam import BeamParams, beam_decode, finish_text
+
+        if body.stream:
+            raise _bad("num_beams > 1 cannot be streamed; set stream to false")
+        try:
+            beam = BeamParams(num_beams=body.num_beams, max_new_tokens=params.max_new_tokens,
+                              num_return_sequences=body.n)
+        except LlmkitError as e:
+            raise _bad(str(e)) from None
+        ends = sorted(self.engine.stop_ids)
+        model, tok = self.engine.model, self.tokenizer
+        found = await run_in_threadpool(lambda: [beam_decode(model, p, ends, beam) for p in prompts])
+        choices, produced = [], 0
+        for hyps in found:
+            for h in hyps:
+                produced += len(h.tokens)
+                text, reason = finish_text(tok, h.tokens, ends, params.stop)
+                content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+                choices.append({"index": len(choices), **content, "logprobs": None, "finish_reason": reason})
+        prompt_tokens = sum(len(p) for p in prompts)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.generated_tokens.inc(produced)
+        return JSONResponse({"id": f"{'chatcmpl' if chat else 'cmpl'}-beam{time.monotonic_ns()}", "created": int(time.time()),
+                             "model": self.model_name, "object": "chat.completion" if chat else "text_completion",
+                             "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": produced,
+                                                           "total_tokens": prompt_tokens + produced}})
 
     async def _events(self, job):
         """The job's events until every sequence has finished, timing them for /metrics."""

@@ -17,6 +17,7 @@ import yaml
 from llmkit.model.config import PRESETS, ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import ENCODER_PRESETS, EncoderConfig
+from llmkit.model.seq2seq import SEQ2SEQ_PRESETS, Seq2SeqConfig
 from llmkit.train.losses import ENCODER_OBJECTIVES
 
 
@@ -34,6 +35,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     lr_decay_steps: int = 2000         # cosine reaches min_lr here and stays there
+    lr_schedule: str = "cosine"        # cosine | inverse_sqrt (Vaswani et al.: warmup, then lr * sqrt(warmup / step))
+    label_smoothing: float = 0.0       # seq2seq: the paper uses 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -61,8 +64,10 @@ class TrainConfig:
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} (float32, bfloat16, float16)"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device {self.device!r} (auto, cpu, cuda)"),
-            (self.preset in PRESETS or self.preset in ENCODER_PRESETS,
-             f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS])}"),
+            (self.preset in PRESETS or self.preset in ENCODER_PRESETS or self.preset in SEQ2SEQ_PRESETS,
+             f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS, *SEQ2SEQ_PRESETS])}"),
+            (self.lr_schedule in ("cosine", "inverse_sqrt"), f"lr_schedule {self.lr_schedule!r} (cosine, inverse_sqrt)"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (min(self.batch_size, self.block_size, self.grad_accum) > 0,
              "batch_size, block_size and grad_accum must be positive"),
             (self.max_steps >= 0 and self.warmup_steps >= 0, "max_steps and warmup_steps must be >= 0"),
@@ -75,6 +80,8 @@ class TrainConfig:
             if not ok:
                 raise LlmkitError(f"bad training config: {what}")
         model_class = EncoderConfig if self.objective in ENCODER_OBJECTIVES else ModelConfig
+        if self.objective == "seq2seq":
+            model_class = Seq2SeqConfig
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(model_class)})
         if unknown:
             raise LlmkitError(f"unknown model config keys: {', '.join(unknown)}")
@@ -129,7 +136,8 @@ def _coerce(name: str, value, hint):
 
 def _set(values: dict, model: dict, key: str, value) -> None:
     # the objective may come later: accept keys of either model config; __post_init__ checks the right one
-    train_types, model_types = _field_types(TrainConfig), {**_field_types(EncoderConfig), **_field_types(ModelConfig)}
+    train_types = _field_types(TrainConfig)
+    model_types = {**_field_types(Seq2SeqConfig), **_field_types(EncoderConfig), **_field_types(ModelConfig)}
     if key.startswith("model."):
         sub = key[len("model."):]
         if sub not in model_types:

@@ -223,6 +223,6 @@ def run_distill(teacher: str, student: str, data_dir, out_dir, overrides=(), tem
     if is_preset:
         trainer = DistillTrainer(config, **options)
     else:
-        student_model, _ = resolve_model(student)
+        student_model, _ = resolve_model(student, dtype="float32")  # trained: float weights
         trainer = _StudentFromModel(config, student_model, **options)
     return trainer.fit()

@@ -67,3 +67,10 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: i
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def inverse_sqrt_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Vaswani et al.'s schedule with `lr` as its peak: linear warmup over `warmup_steps`, then
+    lr * sqrt(warmup_steps / step) (the paper's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5))."""
+    step, warmup = step + 1, max(1, warmup_steps)
+    return lr * min(step / warmup, (warmup / step) ** 0.5)

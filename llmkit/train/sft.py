@@ -67,7 +67,7 @@ class SFTTrainer(Trainer):
         # Check the data before spending time on the model: a bad line fails in a moment.
         chats = read_chats(self.data_dir)
         val_chats = read_chats(self.val_path) if self.val_path is not None else None
-        self.base_model, self.tokenizer = resolve_model(self.model_source)
+        self.base_model, self.tokenizer = resolve_model(self.model_source, dtype="float32")  # trained: floats
         if cfg.block_size > self.base_model.config.block_size:
             raise LlmkitError(f"block_size {cfg.block_size} exceeds the model's context of "
                               f"{self.base_model.config.block_size}")

@@ -28,7 +28,7 @@ from llmkit.model.config import ModelConfig, preset
 from llmkit.io import sharded, snapshots
 from llmkit.errors import LlmkitError
 from llmkit.train.losses import contrastive_objective, masked_lm_objective, mlm_nsp_objective
-from llmkit.train.optim import build_adamw, lr_at, set_lr
+from llmkit.train.optim import build_adamw, inverse_sqrt_lr, lr_at, set_lr
 from llmkit.train.perf import measure_peak_flops, mfu
 from llmkit.train.config import TrainConfig, load_train_config
 from llmkit.utils import atomic_open
@@ -225,7 +225,10 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step; returns the mean micro-batch loss as a tensor (no host sync)."""
         cfg = self.config
-        set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps))
+        if cfg.lr_schedule == "inverse_sqrt":
+            set_lr(self.optimizer, inverse_sqrt_lr(self.step, cfg.lr, cfg.warmup_steps))
+        else:
+            set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps))
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
             x, y = self.next_batch(self.train_sampler)

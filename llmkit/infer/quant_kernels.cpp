@@ -1,0 +1,259 @@
+// Kernels for weights kept in GGUF's 32-value blocks (Q8_0, Q4_0, Q4_1), used in place from the
+// memory-mapped file. Built on first use by llmkit/infer/quant.py WITHOUT -m flags: each
+// instruction set's code sits in its own `#pragma GCC target` region (quant_isa.inc, included once
+// per ISA) and the kernels are picked when the library loads, from what this CPU reports, so one
+// build runs on AVX2-only, AVX-512-VNNI and AMX machines alike.
+//
+//   llmkit_quant::linear(x, blocks, format, bias?, isa)   x (..., in) float32 with a few rows,
+//       blocks (out, in / 32 * block bytes) uint8: y = x @ W^T (+ bias). As llama.cpp does, each
+//       activation row is first rounded to int8 per block of 32 (one float scale per block), then
+//       every block product is a 32-way integer dot product scaled once: decoding reads 4.5-8.5 bits
+//       per weight instead of 32 and does integer math on them.
+//   llmkit_quant::dequantize(blocks, format, first, count, isa)   rows first..first+count-1 to float32
+//       (prefill tiles: a GEMM over a dequantized tile beats integer dots once there are many rows).
+//   llmkit_quant::embedding(ids, blocks, format, isa)   the rows of `ids`, for token embeddings.
+//   llmkit_quant::isa_supported(isa)   whether this CPU runs an ISA: 1 generic C++, 2 AVX2+FMA+F16C,
+//       3 AVX-512 VL/BW + VNNI (vpdpbusd on 256-bit vectors); 0 asks for the best one.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;
+// Formats by their ggml type codes, the `format` argument of every op.
+constexpr int Q4_0 = 2, Q4_1 = 3, Q8_0 = 8;
+
+constexpr int64_t block_bytes(int format) { return format == Q8_0 ? 34 : format == Q4_1 ? 20 : 18; }
+
+int format_index(int64_t format) {
+  TORCH_CHECK(format == Q8_0 || format == Q4_0 || format == Q4_1, "quantized kernels: unsupported format ", format);
+  return format == Q8_0 ? 0 : format == Q4_0 ? 1 : 2;
+}
+
+using DotFn = float (*)(const uint8_t*, const int8_t*, const float*, const float*, int64_t);
+using DequantizeFn = void (*)(const uint8_t*, int64_t, float*);
+struct Kernels {
+  DotFn dot[3];                 // by format_index
+  DequantizeFn dequantize[3];
+};
+
+// Plain C++: the reference every SIMD path is tested against, and the path of non-x86 CPUs.
+namespace generic {
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+inline int q4_value(const uint8_t* qs, int i) { return i < 16 ? qs[i] & 15 : qs[i - 16] >> 4; }
+
+template <int F>
+float dot(const uint8_t* w, const int8_t* xq, const float* xd, const float* xs, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += block_bytes(F)) {
+    const int8_t* x = xq + b * QK;
+    const float d = half_to_float(w);
+    int32_t sum = 0;
+    if constexpr (F == Q8_0) {
+      for (int i = 0; i < QK; ++i) sum += static_cast<int8_t>(w[2 + i]) * x[i];
+    } else {
+      for (int i = 0; i < QK; ++i) sum += q4_value(w + (F == Q4_1 ? 4 : 2), i) * x[i];
+    }
+    acc += d * xd[b] * static_cast<float>(sum);
+    if constexpr (F == Q4_0) acc -= 8.0f * d * xs[b];
+    if constexpr (F == Q4_1) acc += half_to_float(w + 2) * xs[b];
+  }
+  return acc;
+}
+
+template <int F>
+void dequantize_row(const uint8_t* w, int64_t nb, float* out) {
+  for (int64_t b = 0; b < nb; ++b, w += block_bytes(F), out += QK) {
+    const float d = half_to_float(w);
+    for (int i = 0; i < QK; ++i) {
+      if constexpr (F == Q8_0) out[i] = d * static_cast<int8_t>(w[2 + i]);
+      if constexpr (F == Q4_0) out[i] = d * static_cast<float>(q4_value(w + 2, i) - 8);
+      if constexpr (F == Q4_1) out[i] = d * static_cast<float>(q4_value(w + 4, i)) + half_to_float(w + 2);
+    }
+  }
+}
+
+Kernels kernels() {
+  return {{dot<Q8_0>, dot<Q4_0>, dot<Q4_1>}, {dequantize_row<Q8_0>, dequantize_row<Q4_0>, dequantize_row<Q4_1>}};
+}
+
+}  // namespace generic
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+// u8 x s8 pairs summed to int16 (no overflow: 15 * 127 * 2 and 128 * 127 * 2 fit), then to int32.
+inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#define BLOCK_DOT dot_u8_s8
+#include "quant_isa.inc"
+#undef BLOCK_DOT
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni {
+// vpdpbusd: the four u8 x s8 products of each int32 lane summed in one instruction.
+inline __m256i dot_u8_s8(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+#define BLOCK_DOT dot_u8_s8
+#include "quant_isa.inc"
+#undef BLOCK_DOT
+}  // namespace vnni
+#pragma GCC pop_options
+#endif
+
+enum Isa : int64_t { BEST = 0, GENERIC = 1, AVX2 = 2, AVX512_VNNI = 3 };
+
+bool isa_supported(int64_t isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == AVX2) return avx2;
+  if (isa == AVX512_VNNI)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+  return isa == GENERIC || isa == BEST;
+}
+
+int64_t best_isa() {
+  for (int64_t isa : {AVX512_VNNI, AVX2})
+    if (isa_supported(isa)) return isa;
+  return GENERIC;
+}
+
+const Kernels& kernels_for(int64_t isa) {
+  static const Kernels table[] = {
+      generic::kernels(), generic::kernels(),
+#if defined(__x86_64__)
+      avx2::kernels(), vnni::kernels(),
+#else
+      generic::kernels(), generic::kernels(),
+#endif
+  };
+  static const int64_t best = best_isa();
+  if (isa == BEST) isa = best;
+  TORCH_CHECK(isa >= GENERIC && isa <= AVX512_VNNI && isa_supported(isa),
+              "quantized kernels: instruction set ", isa, " is not available on this CPU");
+  return table[isa];
+}
+
+// One activation row rounded to int8 per block of 32: q = round(x / d), d = max|x| / 127 (llama.cpp's
+// Q8_0/Q8_1), with s = d * sum(q) per block for the constant terms of Q4_0 and Q4_1.
+struct QuantRow {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+
+  QuantRow(const float* x, int64_t n) : q(n), d(n / QK), s(n / QK) {
+    for (int64_t b = 0; b < n / QK; ++b) {
+      const float* xb = x + b * QK;
+      float amax = 0.0f;
+      for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float scale = amax / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+      int32_t sum = 0;
+      for (int i = 0; i < QK; ++i) sum += q[b * QK + i] = static_cast<int8_t>(std::nearbyint(xb[i] * inverse));
+      d[b] = scale;
+      s[b] = scale * static_cast<float>(sum);
+    }
+  }
+};
+
+void check_blocks(const at::Tensor& blocks, int64_t format) {
+  format_index(format);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+              blocks.size(1) % block_bytes(format) == 0, "quantized kernels: blocks must be a contiguous uint8 "
+              "(rows, blocks * ", block_bytes(format), ") tensor");
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t format, const std::optional<at::Tensor>& bias,
+                  int64_t isa) {
+  check_blocks(blocks, format);
+  const int64_t out = blocks.size(0), nb = blocks.size(1) / block_bytes(format), in = nb * QK;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == in, "quantized linear: x must be float32 (..., ", in, ")");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out),
+              "quantized linear: bad bias");
+  const DotFn dot = kernels_for(isa).dot[format_index(format)];
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.numel() / in;
+  std::vector<QuantRow> xq;
+  for (int64_t m = 0; m < rows; ++m) xq.emplace_back(xc.data_ptr<float>() + m * in, in);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  at::Tensor y = at::empty(shape, x.options());
+  float* ys = y.data_ptr<float>();
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  const int64_t row_bytes = blocks.size(1);
+  // Each weight row is read once and multiplied by every activation row while it is in L1.
+  at::parallel_for(0, out, std::max<int64_t>(1, 131072 / (in * rows)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t m = 0; m < rows; ++m)
+        ys[m * out + r] = dot(w + r * row_bytes, xq[m].q.data(), xq[m].d.data(), xq[m].s.data(), nb) + (b ? b[r] : 0.0f);
+  });
+  return y;
+}
+
+at::Tensor dequantize(const at::Tensor& blocks, int64_t format, int64_t first, int64_t count, int64_t isa) {
+  check_blocks(blocks, format);
+  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= blocks.size(0), "dequantize: rows out of range");
+  const int64_t nb = blocks.size(1) / block_bytes(format), in = nb * QK;
+  const DequantizeFn row = kernels_for(isa).dequantize[format_index(format)];
+  at::Tensor out = at::empty({count, in}, blocks.options().dtype(at::kFloat));
+  const uint8_t* w = blocks.data_ptr<uint8_t>() + first * blocks.size(1);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, count, std::max<int64_t>(1, 65536 / in), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row(w + r * blocks.size(1), nb, o + r * in);
+  });
+  return out;
+}
+
+at::Tensor embedding(const at::Tensor& ids, const at::Tensor& blocks, int64_t format, int64_t isa) {
+  check_blocks(blocks, format);
+  TORCH_CHECK(ids.scalar_type() == at::kLong, "quantized embedding: ids must be int64");
+  const int64_t nb = blocks.size(1) / block_bytes(format), in = nb * QK, vocab = blocks.size(0);
+  const DequantizeFn row = kernels_for(isa).dequantize[format_index(format)];
+  const at::Tensor idc = ids.contiguous();
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(in);
+  at::Tensor out = at::empty(shape, blocks.options().dtype(at::kFloat));
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idc.numel(); ++i)
+    TORCH_CHECK(id[i] >= 0 && id[i] < vocab, "quantized embedding: token id ", id[i], " is out of range");
+  for (int64_t i = 0; i < idc.numel(); ++i)
+    row(blocks.data_ptr<uint8_t>() + id[i] * blocks.size(1), nb, out.data_ptr<float>() + i * in);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmkit_quant, m) {
+  m.def("linear(Tensor x, Tensor blocks, int format, Tensor? bias, int isa) -> Tensor");
+  m.def("dequantize(Tensor blocks, int format, int first, int count, int isa) -> Tensor");
+  m.def("embedding(Tensor ids, Tensor blocks, int format, int isa) -> Tensor");
+  m.def("isa_supported(int isa) -> bool", isa_supported);
+  m.def("best_isa() -> int", best_isa);
+}
+
+TORCH_LIBRARY_IMPL(llmkit_quant, CPU, m) {
+  m.impl("linear", TORCH_FN(linear));
+  m.impl("dequantize", TORCH_FN(dequantize));
+  m.impl("embedding", TORCH_FN(embedding));
+}
