@@ -13,6 +13,7 @@ import platform
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -77,12 +78,9 @@ def run(url, model, clients, seconds, tokens, structured_share):
                 stats["truncated"] += structured and finish != "stop"
             n += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
     stats["tokens_per_s"] = stats["tokens"] / (time.perf_counter() - start)
     return stats
 
