@@ -101,6 +101,8 @@ def test_auto_and_none_leave_text_alone(served):
     ({"tool_choice": "required"}, "no tools"),
     ({"messages": [{"role": "assistant"}]}, "content is required"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "name"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{x"}}]}]},
+     "not JSON"),
 ])
 def test_bad_tool_requests_are_400(served, extra, words):
     r = httpx.post(f"{served[0]}/v1/chat/completions", json={"model": "tiny", "messages": ASK, **extra})

@@ -89,7 +89,10 @@ class Streamer:
                 raise _bad(f"messages.{i}.content is required (only an assistant message with tool_calls may omit it)")
             text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content or [])
             if m.tool_calls:  # the model's earlier call, as it would have written it
-                text = "\n".join([text] * bool(text) + [tools.call_text(c) for c in m.tool_calls])
+                try:
+                    text = "\n".join([text] * bool(text) + [tools.call_text(c) for c in m.tool_calls])
+                except LlmkitError as e:
+                    raise _bad(f"messages.{i}.{e}") from None
             role = {"developer": "system"}.get(m.role, m.role)
             if role == "tool" and not native:  # templates without a tool role: the result as a user turn
                 role, text = "user", f"Result of the function call {m.tool_call_id or ''}: {text}"

@@ -63,7 +63,11 @@ def describe(tools: list[dict]) -> str:
 
 def call_text(call) -> str:
     """An earlier assistant tool call as the model wrote it."""
-    return json.dumps({"name": call.function.name, "arguments": json.loads(call.function.arguments or "{}")})
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except ValueError:
+        raise LlmkitError(f"tool call {call.id!r}: arguments is not JSON") from None
+    return json.dumps({"name": call.function.name, "arguments": arguments})
 
 
 def parse_call(text: str, plan_: ToolPlan) -> dict | None:
