@@ -7,12 +7,14 @@ from pathlib import Path
 import typer
 
 from llmkit.errors import LlmkitError
+from llmkit.cli_help import DECODER_PRESETS, ENCODER_PRESETS, epilog
+from llmkit.utils import check_device, check_output, check_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="llmkit: from raw text to a served chat model.")
 
 
-@app.command()
+@app.command(epilog=epilog("demo"))
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="where the corpus, data and model go"),
     max_steps: int = typer.Option(None, "--max-steps", help="training steps (default: about two minutes)"),
@@ -21,10 +23,13 @@ def demo(
     """The main job on embedded defaults: tokenizer, data, training, samples, then a pretrained chat."""
     from llmkit import demo as demo_module
 
+    check_output(out, "dir")
+    if max_steps is not None:
+        check_range("--max-steps", max_steps, 1, integer=True)
     demo_module.run(out, max_steps=max_steps, chat=chat)
 
 
-@app.command(context_settings={"allow_interspersed_args": True})
+@app.command(context_settings={"allow_interspersed_args": True}, epilog=epilog("train"))
 def train(
     args: list[str] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
                                      help="optional YAML config, then overrides like lr=3e-4 model.n_layer=6"),
@@ -34,7 +39,8 @@ def train(
                                   "pretraining): a model name, .gguf, llmkit or HF dir; prepare with its tokenizer"),
     data: str = typer.Option(None, "--data", help="prepared data dir (data_dir=...)"),
     out: str = typer.Option(None, "--out", help="output model dir (out_dir=...)"),
-    preset: str = typer.Option(None, "--preset", help="model preset name"),
+    preset: str = typer.Option(None, "--preset", help=f"model preset: {', '.join(DECODER_PRESETS)} (decoders); "
+                                                      f"{', '.join(ENCODER_PRESETS)} (encoders)"),
     max_steps: int = typer.Option(None, "--max-steps", help="optimizer steps to train for"),
     objective: str = typer.Option(None, "--objective", help="causal (default), mlm or contrastive (encoders), "
                                                           "seq2seq (encoder-decoder, on `prepare --pairs` data)"),
@@ -49,6 +55,7 @@ def train(
     config_file = args.pop(0) if args and "=" not in args[0] else None
     config = load_train_config(config_file, args, data_dir=data, out_dir=out, preset=preset, max_steps=max_steps,
                                objective=objective, init_from=init_from, overwrite=overwrite or None)
+    check_output(config.out_dir, "dir", "out_dir")
     if config.objective == "seq2seq":
         from llmkit.train.seq2seq import Seq2SeqTrainer
 
@@ -67,7 +74,7 @@ def train(
         print(f"step {metrics['step']}: loss {metrics['loss']:.4f}{val}; model saved to {config.out_dir}")
 
 
-@app.command("eval")
+@app.command("eval", epilog=epilog("eval"))
 def eval_(
     model: str = typer.Option(..., "--model", help="model dir (config.json + model.safetensors)"),
     text: str = typer.Option(None, "--text", help="plain-text file to score"),
@@ -89,13 +96,16 @@ def eval_(
     """Perplexity on text or a data split; with --mc/--gen also task scores, as a table (or --json)."""
     import json
 
+    from llmkit.utils import atomic_open
+
+    if output is not None:
+        check_output(output, "file", "--output")
     if qa:
         _eval_qa(model, qa, device, as_json, output)
         return
 
     if mc or gen:  # task scoring: any model resolve_model loads; --text adds perplexity to the table
         from llmkit.eval.lm import evaluate_tasks, results_table
-        from llmkit.utils import atomic_open
 
         if data:
             raise LlmkitError("--data cannot be combined with --mc/--gen; use --text for perplexity")
@@ -112,6 +122,9 @@ def eval_(
 
     result = evaluate_model(model, text_file=text, data_dir=data, split=split, batch_size=batch_size,
                             stride=stride, max_tokens=max_tokens, device=device)
+    if output is not None:
+        with atomic_open(output) as f:
+            json.dump(result, f, indent=2)
     if as_json:
         print(json.dumps(result))
     else:
@@ -119,7 +132,7 @@ def eval_(
               f"({result['tokens']} tokens)")
 
 
-@app.command("generate")
+@app.command("generate", epilog=epilog("generate"))
 def generate_cmd(
     prompt: str = typer.Argument(None, help="text to continue (or use --prompt-file)"),
     model: str = typer.Option(..., "--model", help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
@@ -144,8 +157,6 @@ def generate_cmd(
     json_schema: str = typer.Option(None, "--json-schema", help="JSON schema file: the output is JSON following it"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
-    import torch
-
     from llmkit.infer.generate import SamplingParams, generate, stream
     from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
@@ -157,8 +168,7 @@ def generate_cmd(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
                             json_schema=_read_schema(json_schema))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
     beam = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                 no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences)
     use_beams = num_beams != 1 or no_repeat_ngram_size != 0 or num_return_sequences != 1
@@ -206,7 +216,7 @@ def _read_schema(path: str | None) -> dict | None:
     return schema
 
 
-@app.command("chat")
+@app.command("chat", epilog=epilog("chat"))
 def chat_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
                               help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
@@ -222,8 +232,6 @@ def chat_cmd(
                                                     "read per token, so faster decoding"),
 ):
     """Chat with a model: streamed replies, multi-turn history, /reset and /exit."""
-    import torch
-
     from llmkit.infer.chat import ChatSession, chat_loop
     from llmkit.infer.generate import SamplingParams
     from llmkit.infer.cpu import optimize_for_inference
@@ -231,13 +239,11 @@ def chat_cmd(
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, tokenizer = resolve_model(model, device=device, dtype=dtype)
+    net, tokenizer = resolve_model(model, device=check_device(device), dtype=dtype)
     chat_loop(ChatSession(optimize_for_inference(net, single_row=True), tokenizer, system=system, params=params))
 
 
-@app.command("convert")
+@app.command("convert", epilog=epilog("convert"))
 def convert_cmd(
     src: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
     dst: str = typer.Argument(..., help="output directory (a .gguf file with --to gguf)"),
@@ -249,6 +255,7 @@ def convert_cmd(
     from llmkit.io.encoders import is_encoder
     from llmkit.io.resolve import convert
 
+    check_output(dst, "dir", "DST")
     if to == "hf" and is_encoder(src):  # BERT-style encoders, with their MLM / NSP heads
         from llmkit.io.encoders import load_encoder
         from llmkit.io.bert_export import save_hf_bert
@@ -259,7 +266,7 @@ def convert_cmd(
     print(f"wrote {to} model to {out}")
 
 
-@app.command("prepare")
+@app.command("prepare", epilog=epilog("prepare"))
 def prepare_cmd(
     inputs: list[str] = typer.Argument(..., help=".txt / .jsonl files or directories of them"),
     out: str = typer.Option(..., "--out", help="output data directory"),
@@ -275,10 +282,13 @@ def prepare_cmd(
     from llmkit.data.corpus import iter_texts, prepare
     from llmkit.tokenizer import Tokenizer
 
+    check_output(out, "dir")
+    check_range("--val-fraction", val_fraction, 0, 1, high_open=True)
     if pairs:
         _prepare_pairs(inputs, out, tokenizer, vocab_size, val_fraction, seed)
         return
     if tokenizer == "bpe":
+        check_range("--vocab-size", vocab_size, 256, integer=True)
         tok = Tokenizer.train_bpe(iter_texts(inputs), vocab_size)
     elif tokenizer == "char":
         tok = Tokenizer.train_char(iter_texts(inputs))
@@ -293,7 +303,7 @@ def prepare_cmd(
           f"tokens ({meta['dtype']}, vocab {meta['vocab_size']}) in {out}")
 
 
-@app.command("serve")
+@app.command("serve", epilog=epilog("serve"))
 def serve_cmd(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
                               help="decoder (llmkit/HF dir, .gguf, short name), an encoder for embeddings, "
@@ -309,6 +319,7 @@ def serve_cmd(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
     dtype: str = typer.Option(None, "--dtype", help="decoder weights: float32 (default), bfloat16 or float16"),
+    name: str = typer.Option(None, "--name", help="model id clients send as \"model\" (default: from the path)"),
     nlu: list[str] = typer.Option(None, "--nlu", help="NLU model served at /v1/classify and /v1/tag: an "
                                                       "intent-slots model, or a classify and a tag model"),
     dialog: str = typer.Option(None, "--dialog", help="dialogue domain YAML served at /v1/dialog (needs --nlu)"),
@@ -321,9 +332,17 @@ def serve_cmd(
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
     from llmkit.serve import serve
 
+    check_range("--port", port, 1, 65535, integer=True)
+    check_range("--max-batch", max_batch, 1, integer=True)
+    check_range("--max-queue", max_queue, 1, integer=True)
+    if context is not None:
+        check_range("--context", context, 1, integer=True)
+    check_range("--timeout", timeout, 0, low_open=True)
+    check_range("--max-body", max_body, 1, integer=True)
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
           max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype,
-          nlu=nlu or None, dialog=dialog, cors_origins=cors_origin or None, allowed_hosts=allowed_host or None)
+          nlu=nlu or None, dialog=dialog, name=name, cors_origins=cors_origin or None,
+          allowed_hosts=allowed_host or None)
 
 
 def _int_list(value: str | None, what: str) -> list[int] | None:
@@ -336,11 +355,12 @@ def _int_list(value: str | None, what: str) -> list[int] | None:
         raise LlmkitError(f"{what} must be comma-separated integers or 'all', got {value!r}") from None
 
 
-@app.command("distill", context_settings={"allow_interspersed_args": True})
+@app.command("distill", context_settings={"allow_interspersed_args": True}, epilog=epilog("distill"))
 def distill_cmd(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="training settings, e.g. lr=1e-3"),
     teacher: str = typer.Option(..., "--teacher", help="teacher: llmkit/HF dir, .gguf, or a short name"),
-    student: str = typer.Option(..., "--student", help="student: a preset name (from scratch) or a model dir"),
+    student: str = typer.Option(..., "--student", help=f"student: a preset ({', '.join(DECODER_PRESETS)}), "
+                                                        "trained from scratch, or a model dir"),
     data: str = typer.Option(..., "--data", help="prepared data dir, tokenized with the teacher's tokenizer"),
     out: str = typer.Option("runs/distill", "--out", help="output model dir"),
     temperature: float = typer.Option(2.0, "--temperature", help="softening of both distributions"),
@@ -352,6 +372,13 @@ def distill_cmd(
     """Train a smaller student to match a teacher's next-token distributions."""
     from llmkit.train.distill import run_distill
 
+    check_output(out, "dir")
+    check_range("--temperature", temperature, 0, low_open=True)
+    check_range("--alpha", alpha, 0, 1)
+    if top_k is not None:
+        check_range("--top-k", top_k, 1, integer=True)
+    if max_steps is not None:
+        check_range("--max-steps", max_steps, 1, integer=True)
     metrics = run_distill(teacher, student, data, out, overrides or [], temperature=temperature, alpha=alpha,
                           top_k=top_k, max_steps=max_steps, resume=resume)
     if "loss" in metrics:
@@ -359,7 +386,7 @@ def distill_cmd(
         print(f"step {metrics['step']}: loss {metrics['loss']:.4f}{val}; student saved to {out}")
 
 
-@app.command("plot")
+@app.command("plot", epilog=epilog("plot"))
 def plot_cmd(
     run: str = typer.Argument(..., help="run directory (with metrics.jsonl) or a metrics.jsonl file"),
     out: str = typer.Option(None, "--out", help="PNG to write (default: metrics.png beside the metrics)"),
@@ -370,10 +397,11 @@ def plot_cmd(
     from llmkit.eval.plot import plot_metrics
 
     base = Path(run) if Path(run).is_dir() else Path(run).parent
-    print(f"wrote {plot_metrics(run, out or base / 'metrics.png')}")
+    out = check_output(out or base / "metrics.png", "file")
+    print(f"wrote {plot_metrics(run, out)}")
 
 
-@app.command("attention")
+@app.command("attention", epilog=epilog("attention"))
 def attention_cmd(
     text: str = typer.Argument(..., help="text whose attention to draw"),
     model: str = typer.Option(..., "--model", help="llmkit/HF dir, .gguf, or a short name"),
@@ -385,11 +413,13 @@ def attention_cmd(
     from llmkit.io.resolve import resolve_model
     from llmkit.eval.plot import attention_png
 
+    check_output(out, "file")
+    layer_list, head_list = _int_list(layers, "--layers"), _int_list(heads, "--heads")
     net, tokenizer = resolve_model(model)
-    print(f"wrote {attention_png(net, tokenizer, text, out, _int_list(layers, '--layers'), _int_list(heads, '--heads'))}")
+    print(f"wrote {attention_png(net, tokenizer, text, out, layer_list, head_list)}")
 
 
-@app.command("embed")
+@app.command("embed", epilog=epilog("embed"))
 def embed_cmd(
     input_file: str = typer.Argument(..., metavar="FILE", help="text file, one sentence per line"),
     model: str = typer.Option("all-minilm-l6-v2", "--model",
@@ -405,6 +435,10 @@ def embed_cmd(
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
+    if out is not None:
+        check_output(out, "file")
+    check_range("--batch-size", batch_size, 1, integer=True)
+    device = check_device(device)
     texts = read_lines(input_file)
     net, tokenizer = load_encoder(model, device=device)
     vectors = embed_texts(optimize_for_inference(net), tokenizer, texts, batch_size=batch_size)
@@ -423,7 +457,7 @@ FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
-@app.command("finetune")
+@app.command("finetune", epilog=epilog("finetune"))
 def finetune_cmd(
     data: str = typer.Argument(None, help="training data (JSONL; format depends on --task), or --data"),
     data_option: str = typer.Option(None, "--data", help="the training data, as an option"),
@@ -454,6 +488,17 @@ def finetune_cmd(
     if (data is None) == (data_option is None):
         raise LlmkitError("give the training data once: as DATA or as --data")
     data = data or data_option
+    if task not in FINETUNE_TASKS:
+        raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
+    check_output(out, "dir")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--lora-rank", lora_rank),
+                        ("--block-size", block_size), ("--max-steps", max_steps)):
+        if value is not None:
+            check_range(name, value, 1, integer=True)
+    check_range("--lr", lr, 0, low_open=True)
+    check_range("--lora-alpha", lora_alpha, 0, low_open=True)
+    check_range("--lora-dropout", lora_dropout, 0, 1, high_open=True)
+    device = check_device(device)
     if task == "sft":
         from llmkit.model.lora import LoRAConfig
         from llmkit.train.sft import run_sft
@@ -489,7 +534,7 @@ def finetune_cmd(
     raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")
 
 
-@app.command("predict")
+@app.command("predict", epilog=epilog("predict"))
 def predict_cmd(
     input_file: str = typer.Argument(..., metavar="FILE",
                                      help="JSONL ({text} or {tokens}, gold label/tags optional) or .txt lines"),
@@ -502,6 +547,10 @@ def predict_cmd(
     from llmkit.train.multitask import is_joint
     from llmkit.train.tasks import format_metrics, run_predict
 
+    if out is not None:
+        check_output(out, "file")
+    check_range("--batch-size", batch_size, 1, integer=True)
+    device = check_device(device)
     if is_joint(model):
         _predict_joint(model, input_file, out, device)
         return
@@ -510,7 +559,7 @@ def predict_cmd(
         print(f"{metrics['examples']} labelled examples: {format_metrics(metrics)}", file=sys.stderr)
 
 
-@app.command("quantize")
+@app.command("quantize", epilog=epilog("quantize"))
 def quantize_cmd(
     model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or smollm2-135m-instruct"),
     to: str = typer.Option(..., "--to", help="q8_0, q4_0 or q4_1"),
@@ -523,10 +572,13 @@ def quantize_cmd(
     """Quantize a model's linear layers into 32-value blocks; prints perplexity before and after."""
     from llmkit.compress.quantize import quantize_command
 
+    check_output(out, "dir")
     r = quantize_command(model, out, to, method, text, eval_text)
     print(f"{r['format']} ({r['method']}): perplexity {r['perplexity_before']:.3f} -> {r['perplexity_after']:.3f} "
           f"on {r['tokens']} held-out tokens; wrote {r['out']}")
-@app.command("dialog")
+
+
+@app.command("dialog", epilog=epilog("dialog"))
 def dialog_cmd(
     domain: str = typer.Argument(..., help="domain YAML: intents, slots, required slots, prompts, actions"),
     nlu: list[str] = typer.Option(..., "--nlu", help="an intent-slots model (or a classify and a tag model)"),
@@ -542,6 +594,8 @@ def dialog_cmd(
 
     if reply not in ("template", "chat"):
         raise LlmkitError(f"--reply must be template or chat, got {reply!r}")
+    if actions is not None:
+        check_output(actions, "file", "--actions")
     session = Dialog(load_domain(domain), NLU.load(*nlu))
     if reply == "chat":
         from llmkit.infer.cpu import optimize_for_inference
@@ -552,7 +606,7 @@ def dialog_cmd(
     dialog_loop(session, actions_file=actions, show_state=show_state)
 
 
-@app.command("index")
+@app.command("index", epilog=epilog("index"))
 def index_cmd(
     docs: list[str] = typer.Argument(..., help=".txt/.md files, .jsonl ({id, text} per line), or directories"),
     model: str = typer.Option("all-minilm-l6-v2", "--model", help="embedding model (encoder)"),
@@ -565,13 +619,17 @@ def index_cmd(
     from llmkit.apps.retrieval import build_index, read_documents
     from llmkit.io.encoders import load_encoder
 
+    check_output(out, "dir")
+    check_range("--chunk-words", chunk_words, 1, integer=True)
+    check_range("--overlap", overlap, 0, chunk_words - 1, integer=True)
+    check_range("--batch-size", batch_size, 1, integer=True)
     documents = read_documents(docs)
     net, tokenizer = load_encoder(model)
     meta = build_index(documents, net, tokenizer, out, model, chunk_words, overlap, batch_size)
     print(f"indexed {meta['documents']} documents as {meta['chunks']} chunks ({meta['dim']} dims) in {out}")
 
 
-@app.command("ask")
+@app.command("ask", epilog=epilog("ask"))
 def ask_cmd(
     question: str = typer.Argument(None, help="the question (or --eval QUESTIONS.jsonl)"),
     index: str = typer.Option(..., "--index", help="index directory from `llmkit index`"),
@@ -644,7 +702,7 @@ def _predict_joint(model_path: str, input_file: str, out: str | None, device: st
               f"slot_f1 {metrics['slot_f1']:.4f}", file=sys.stderr)
 
 
-@app.command("prune")
+@app.command("prune", epilog=epilog("prune"))
 def prune_cmd(
     model: str = typer.Argument(..., help="llmkit or HF model dir, .gguf file, or a short name"),
     out: str = typer.Option(..., "--out", help="output llmkit model dir"),
@@ -663,6 +721,9 @@ def prune_cmd(
     """Prune a model: zero weights (magnitude, Wanda, 2:4) or remove layers/heads/channels for a smaller one."""
     from llmkit.compress.prune import run_prune
 
+    check_output(out, "dir")
+    if sparsity is not None:
+        check_range("--sparsity", sparsity, 0, 1, high_open=True)
     s = run_prune(model, out, sparsity=sparsity, method=method, scope=scope, pattern=pattern, params=params,
                   layers=layers, heads=heads, mlp=mlp, calib=calib, calib_tokens=calib_tokens,
                   layer_tokens=layer_tokens, log=lambda line: print(line, file=sys.stderr))
@@ -712,15 +773,34 @@ def _print_beams(net, tokenizer, prompts: list[str], params, beam: dict, echo: b
             print((p if echo else "") + text)
 
 
-def main() -> None:
+def _one_line(message: str) -> str:
+    return " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; every user error ends as one `error: ...` line on stderr, exit status 1
+    (2 for a malformed command line), never a traceback."""
+    from typer._click import exceptions as click  # typer >= 0.26 raises its own vendored click's errors
+
     try:
-        app()
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(code) comes back as its code
+    except click.NoArgsIsHelpError as e:
+        e.show()  # a bare `llmkit` or `llmkit train`-like call: the help is the answer
+        sys.exit(2)
+    except click.ClickException as e:  # typer/click usage errors would print a multi-line box
+        where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+        print(f"error: {_one_line(e.format_message())}{where}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except LlmkitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

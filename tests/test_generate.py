@@ -203,10 +203,18 @@ def test_generation_leaves_model_and_autograd_state_alone(tok):
 
 def test_prompt_too_long_names_both_lengths(tok):
     model = tiny_gpt(tok, "gpt2")  # block_size 64
-    prompt = "the " * 40
+    prompt = "the " * 80
     n = len(tok.encode(prompt))
     with pytest.raises(LlmkitError, match=rf"{n} tokens.*{n + 30}.*context of 64"):
         generate(model, tok, ["ok", prompt], max_new_tokens=30)
+
+
+def test_max_new_tokens_is_clamped_to_the_room_the_context_leaves(tok, caplog):
+    model = tiny_gpt(tok, "gpt2")  # block_size 64
+    n = len(tok.encode("the " * 20))
+    text = generate(model, tok, "the " * 20, max_new_tokens=500, temperature=0)
+    assert generate(model, tok, "the " * 20, max_new_tokens=64 - n, temperature=0) == text  # greedy: same text
+    assert "does not fit the model's context of 64 tokens" in caplog.text
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -255,7 +263,7 @@ def test_cli_prompt_file_batch(model_dir, tmp_path):
 
 
 def test_cli_reports_errors_on_one_line(model_dir):
-    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "generate", "hi", "--model", str(model_dir),
+    proc = subprocess.run([sys.executable, "-m", "llmkit.cli", "generate", "hi " * 80, "--model", str(model_dir),
                            "--max-new-tokens", "100"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and "context of 64" in proc.stderr and proc.stderr.count("\n") == 1

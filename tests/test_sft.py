@@ -130,6 +130,7 @@ def sft(base_dir, chats, out, steps, lora=True, resume=False, **kw):
 
     cfg = TrainConfig(data_dir=str(chats), out_dir=str(out), block_size=32, batch_size=4, max_steps=steps,
                       lr=1e-2, warmup_steps=1, eval_interval=0, ckpt_interval=2, log_interval=1, progress=False,
+                      lr_decay_steps=1000,  # a flat rate after warmup, as these runs were tuned for
                       threads=1)
     return SFTTrainer(cfg, model=str(base_dir), lora=LoRAConfig(rank=4) if lora else None, resume=resume,
                       log=lambda *_: None, **kw)

@@ -233,7 +233,7 @@ def test_yaml_config_with_typed_overrides(tmp_path):
 @pytest.mark.parametrize("yaml_text, overrides, message", [
     ("", ["learning_rate=1"], "unknown training config key 'learning_rate'"),
     ("", ["model.n_layers=2"], "unknown model config key 'n_layers'"),
-    ("", ["max_steps=ten"], "bad value for max_steps: 'ten' is not a int"),
+    ("", ["max_steps=ten"], "bad value for max_steps: 'ten' is not an integer"),
     ("", ["lr=fast"], "bad value for lr"),
     ("", ["compile=maybe"], "bad value for compile"),
     ("", ["model.dropout=x"], "bad value for model.dropout"),

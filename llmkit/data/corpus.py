@@ -22,6 +22,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.tokenizer import TOKENIZER_FILE, Tokenizer
+from llmkit.utils import current_umask, progress
 
 SUFFIXES = (".txt", ".jsonl")
 META_FILE = "meta.json"
@@ -183,9 +184,12 @@ def _write_splits(files, out: Path, tokenizer: Tokenizer, dtype: str, val_fracti
     docs = dict.fromkeys(SPLITS, 0)
     last_start = dict.fromkeys(SPLITS, 0)  # where the latest document of each split begins
     n_docs, split = 0, None  # split: where the current document goes (None between documents)
-    with open(out / "train.bin", "wb") as train_f, open(out / "val.bin", "wb") as val_f:
+    size = sum(Path(f).stat().st_size for f in files)
+    with open(out / "train.bin", "wb") as train_f, open(out / "val.bin", "wb") as val_f, \
+            progress(total=size, desc="prepare", unit="B", unit_scale=True) as bar:
         handles = {"train": train_f, "val": val_f}
         for batch in _batches(_pieces(files, chunk_chars), batch_chars):
+            bar.update(sum(len(p) for p in batch if p is not None))  # characters: bytes for ASCII text
             encoded = iter(tokenizer.encode_batch([p for p in batch if p is not None]))
             for piece in batch:
                 if piece is None:  # end of a document (skipped entirely if it had no text)
@@ -253,6 +257,7 @@ def prepare(inputs, out_dir, tokenizer, val_fraction: float = 0.1, seed: int = 0
     # Build everything in a scratch directory beside out_dir; nothing lands until it is complete.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the data dir is the user's
         counts = _write_splits(files, tmp, tokenizer, dtype, val_fraction, seed,
                                chunk_chars, batch_chars)
         tokenizer.save(tmp / TOKENIZER_FILE)

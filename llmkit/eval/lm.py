@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
+from llmkit.utils import progress
 
 IGNORE = -100
 
@@ -73,7 +74,7 @@ def perplexity(model: torch.nn.Module, tokens_or_text, tokenizer=None, block_siz
     total, count = 0.0, 0
     spans = windows(len(tokens), block_size, stride)
     try:
-        for i in range(0, len(spans), batch_size):
+        for i in progress(range(0, len(spans), batch_size), desc="perplexity", unit="batch"):
             chunk = spans[i:i + batch_size]
             x = torch.zeros(len(chunk), block_size, dtype=torch.long)
             y = torch.full((len(chunk), block_size), IGNORE, dtype=torch.long)
@@ -117,7 +118,7 @@ def loglikelihood(model: torch.nn.Module, requests: Sequence[tuple[Sequence[int]
     model.eval()
     results: list[tuple[float, bool]] = []
     try:
-        for i in range(0, len(rows), batch_size):
+        for i in progress(range(0, len(rows), batch_size), desc="multiple choice", unit="batch"):
             chunk = rows[i:i + batch_size]
             width = max(len(seq) - 1 for seq, _ in chunk)
             x = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -138,36 +139,43 @@ def loglikelihood(model: torch.nn.Module, requests: Sequence[tuple[Sequence[int]
 
 def evaluate_model(model_dir, text_file=None, data_dir=None, split: str = "val", batch_size: int = 8,
                    stride: int | None = None, max_tokens: int | None = None, device: str = "auto") -> dict:
-    """Perplexity of a saved model on a text file or a prepared data split (what `llmkit eval` runs)."""
+    """Perplexity of any model `resolve_model` loads on a text file or a prepared data split
+    (what `llmkit eval` runs). Inputs are read and checked before the model is loaded."""
     from pathlib import Path
 
-    from llmkit.io.checkpoint import load_checkpoint
     from llmkit.infer.cpu import optimize_for_inference
+    from llmkit.io.resolve import resolve_model
+    from llmkit.utils import check_device, check_range
 
     if (text_file is None) == (data_dir is None):
         raise LlmkitError("give exactly one of --text FILE or --data DIR")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_checkpoint(model_dir, device=device)
-    optimize_for_inference(model)
+    check_range("--batch-size", batch_size, 1, integer=True)
+    for name, value in (("--stride", stride), ("--max-tokens", max_tokens)):
+        if value is not None:
+            check_range(name, value, 1, integer=True)
+    device = check_device(device)
+    text = None
     if text_file is not None:
         try:
             text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise LlmkitError(f"cannot read text file {text_file}: {e}") from None
+    elif not Path(data_dir).is_dir():
+        raise LlmkitError(f"data dir {data_dir} does not exist")
+    model, tokenizer = resolve_model(model_dir, device=device)
+    optimize_for_inference(model)
+    if text is not None:
         tokens = _as_tokens(text, tokenizer)
         source = str(text_file)
     else:
         from llmkit.data.corpus import load_split
 
-        if not Path(data_dir).is_dir():
-            raise LlmkitError(f"data dir {data_dir} does not exist")
         tokens = load_split(data_dir, split)
         if int(tokens.max(initial=0)) >= model.config.vocab_size:
             raise LlmkitError(f"{data_dir}/{split} holds token ids beyond the model's vocab of "
                               f"{model.config.vocab_size} (prepared with another tokenizer?)")
         source = f"{data_dir} ({split})"
-    if max_tokens:
+    if max_tokens is not None:
         tokens = tokens[:max_tokens]
     result = perplexity(model, tokens, batch_size=batch_size, stride=stride)
     return {"source": source, **result}
@@ -298,7 +306,7 @@ def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, ba
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
     prompts = [_question_prompt(tokenizer, it["prompt"], True) if chat else it["prompt"] for it in items]
     outputs = []
-    for i in range(0, len(prompts), batch_size):
+    for i in progress(range(0, len(prompts), batch_size), desc="generation", unit="batch"):
         outputs += generate(model, tokenizer, prompts[i:i + batch_size], params,
                             **({"num_beams": num_beams} if num_beams != 1 else {}))
     outputs = [o.strip() for o in outputs]
@@ -336,9 +344,12 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
 
     from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
+    from llmkit.utils import check_device, check_range
 
     if not (text_file or mc_file or gen_file):
         raise LlmkitError("nothing to evaluate: give --text, --mc and/or --gen")
+    check_range("--batch-size", batch_size, 1, integer=True)
+    check_range("--max-new-tokens", max_new_tokens, 1, integer=True)
     mc_items = read_mc_items(mc_file) if mc_file else None
     gen_items = read_gen_items(gen_file) if gen_file else None
     text = None
@@ -347,9 +358,7 @@ def evaluate_tasks(model_name, text_file=None, mc_file=None, gen_file=None, batc
             text = Path(text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise LlmkitError(f"cannot read text file {text_file}: {e}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = resolve_model(model_name, device=device)
+    model, tokenizer = resolve_model(model_name, device=check_device(device))
     optimize_for_inference(model)
     results = []
     if text is not None:

@@ -38,7 +38,10 @@ class ChatSession:
 
         When the conversation outgrows the model's context, the oldest exchanges are dropped
         (the system message is kept) until the prompt plus the reply budget fits."""
-        budget = self.model.config.block_size - self.params.max_new_tokens
+        # Reserve the reply's room, but at most half the context: a 64-token model with the default
+        # 256-token replies still chats (generation then answers in what is left).
+        context = self.model.config.block_size
+        budget = context - min(self.params.max_new_tokens, context // 2)
         kept = list(self.messages)
         while True:
             text = self.tokenizer.apply_chat_template(kept, add_generation_prompt=True)

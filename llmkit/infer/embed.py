@@ -11,7 +11,7 @@ from llmkit.io.encoders import length_sorted_batches, pad_batch, tokenize
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import Encoder
 from llmkit.tokenizer import Tokenizer
-from llmkit.utils import atomic_open, atomic_path
+from llmkit.utils import atomic_open, atomic_path, progress
 
 OUTPUT_FORMATS = (".jsonl", ".npy")
 
@@ -27,13 +27,19 @@ def embed_texts(model: Encoder, tokenizer: Tokenizer, texts: list[str], batch_si
         raise LlmkitError(f"batch size must be positive, got {batch_size}")
     if not texts:
         return np.zeros((0, model.config.n_embd), dtype=np.float32)
+    blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if blank is not None:  # nothing to pool over: the mean of no vectors is NaN
+        raise LlmkitError(f"text {blank} is empty or only whitespace; there is nothing to embed")
     encodings = tokenize(tokenizer, [t.strip() for t in texts])
     device = next(model.parameters()).device
     out = torch.empty((len(texts), model.config.n_embd), dtype=torch.float32)
-    for idx in length_sorted_batches([len(e.ids) for e in encodings], batch_size):
+    batches = length_sorted_batches([len(e.ids) for e in encodings], batch_size)
+    for idx in progress(batches, desc="embed", unit="batch"):
         ids, mask = pad_batch([encodings[i].ids for i in idx], model.config.pad_token_id)
         emb = model.embed_sentences(ids.to(device), mask.to(device))
         out[torch.as_tensor(idx)] = emb.float().cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise LlmkitError("the encoder produced NaN or infinite embeddings; its weights may be corrupt")
     return out.numpy()
 
 

@@ -9,6 +9,7 @@ through a torch.compile'd block over a static cache.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token id per row of (B, V) logits: argmax at temperature 0, else a draw from
     softmax(logits / temperature) restricted by top-k, then top-p (HF's order)."""
+    # One reduction catches NaN (propagates through max), +inf and all -inf rows: softmax turns each
+    # into NaN, which multinomial rejects with a traceback and argmax turns into an arbitrary token.
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        raise LlmkitError("the model produced NaN or infinite logits; its weights may be corrupt "
+                          "(or try float32 instead of float16)")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -283,11 +289,31 @@ def _encode_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -
                 raise LlmkitError(f"prompt {i} is empty and the tokenizer has no BOS/EOS token to start from")
             ids = [start]
         context = model.config.block_size
-        if len(ids) + max_new_tokens > context:
+        if len(ids) >= context and max_new_tokens > 0:
             raise LlmkitError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                               f"{len(ids) + max_new_tokens}, more than the model context of {context} tokens")
         rows.append(ids)
     return rows
+
+
+_CLAMPS_SAID: set = set()
+
+
+def room_for_answer(model, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
+    """max_new_tokens, lowered to the room the longest prompt leaves in the model's context.
+
+    Small trained models have short contexts (a 64-token block), shorter than the default answer
+    length: generate what fits instead of refusing (`say_clamped` tells the user, once)."""
+    room = model.config.block_size - max((len(ids) for ids in prompt_ids), default=0)
+    return min(max_new_tokens, room)
+
+
+def say_clamped(model, max_new_tokens: int, room: int) -> None:
+    if room < max_new_tokens and (model.config.block_size, max_new_tokens) not in _CLAMPS_SAID:
+        _CLAMPS_SAID.add((model.config.block_size, max_new_tokens))
+        logging.getLogger("llmkit").warning(
+            "note: max_new_tokens=%d does not fit the model's context of %d tokens after the prompt; "
+            "generating at most %d", max_new_tokens, model.config.block_size, room)
 
 
 def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams,
@@ -299,10 +325,11 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams,
     prompt_ids = _encode_prompts(model, tokenizer, prompts, params.max_new_tokens)
     stop_ids = () if params.ignore_eos else tokenizer.stop_ids
     rows = [Completion(tokenizer, ids, params.stop, stop_ids) for ids in prompt_ids]
-    if params.max_new_tokens == 0:
+    N = room_for_answer(model, prompt_ids, params.max_new_tokens)
+    if N == 0:
         return
     device = next(model.parameters()).device
-    B, N = len(rows), params.max_new_tokens
+    B = len(rows)
     lengths = torch.tensor([len(ids) for ids in prompt_ids], device=device)
     history = torch.full((B, int(lengths.max()) + N), -1, dtype=torch.long, device=device)  # -1: none yet
     for i, ids in enumerate(prompt_ids):
@@ -323,6 +350,8 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams,
                         constraint.apply(logits[i])
                 tokens = sample(logits, params, generator, history)
                 history[torch.arange(B, device=device), lengths + step] = tokens
+            if step == 0:  # after the first token: a failing model says only what went wrong
+                say_clamped(model, params.max_new_tokens, N)
             for i, token in enumerate(tokens.tolist()):
                 if not rows[i].done:
                     if constraints:

@@ -12,8 +12,9 @@ each kernel gains over PyTorch's own. The modules llmkit.infer.cpu swaps into a 
 call them through the `*_applies` checks (CPU, no autograd, supported dtypes and layouts; one row
 for matvec and decode_attention); training runs the plain modules and never sees them. The build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU
 with AVX2 and FMA; it takes ~15 s once, then the library is reused from ~/.cache/llmkit (or
-$LLMKIT_CACHE). Where it cannot be built, `available()` is False and callers keep PyTorch's
-kernels: nothing else changes.
+$LLMKIT_CACHE), after checking it against the SHA-256 recorded when it was built (a changed file
+is rebuilt) and that no other user can write to that folder. Where it cannot be built,
+`available()` is False and callers keep PyTorch's kernels: nothing else changes.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -59,19 +61,40 @@ def _library_path(compiler: str, source: Path = SOURCE, flags=FLAGS, includes=()
     return cache / "kernels" / f"llmkit_{source.stem}_{key.hexdigest()[:16]}.so"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_cache_dir(folder: Path) -> None:
+    """The cache holds code this process will run: refuse one that others can write to."""
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"{folder} is writable by other users or not owned by this one")
+
+
 def _build(compiler: str, source: Path = SOURCE, flags=FLAGS, includes=()) -> Path:
-    """Build `source` into a cached shared library once (see the module docstring); its path."""
+    """The library's path, built if missing or if it no longer matches the hash recorded at build time."""
     path = _library_path(compiler, source, flags, includes)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_cache_dir(path.parent)
+    stamp = path.with_suffix(".sha256")
     # One process builds while the others (pytest workers, a server's threads) wait for its result.
-    with open(path.with_suffix(".lock"), "w") as lock:
+    # O_NOFOLLOW: a lock planted as a symlink must not make us create or truncate another file.
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
+        intact = (path.is_file() and not path.is_symlink() and stamp.is_file()
+                  and stamp.read_text().strip() == _digest(path))
+        if not intact:
+            print("llmkit: building the CPU decoding kernels (once, about 15 s)...", file=sys.stderr, flush=True)
             with atomic_path(path) as partial:
                 result = subprocess.run(_build_command(compiler, partial, source, flags), capture_output=True,
                                         text=True)
                 if result.returncode != 0:
                     raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
+                digest = _digest(partial)
+            with atomic_path(stamp) as tmp:
+                tmp.write_text(digest + "\n")
     return path
 
 

@@ -10,6 +10,7 @@ BPE vocabularies (`tokenizer.ggml.model == "gpt2"`).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from gguf.quants import dequantize
 from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
 from llmkit.io.common import build_model, fuse_llama_layer
+from llmkit.utils import progress
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
@@ -103,9 +105,14 @@ class GGUFFile:
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            dims = [self._take("<Q") for _ in range(self._take("<I"))]
+            n_dims = self._take("<I")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name} has {n_dims} dimensions (at most 4)")
+            dims = [self._take("<Q") for _ in range(n_dims)]
             infos.append((name, tuple(reversed(dims)), self._take("<I"), self._take("<Q")))
-        align = int(self.meta.get("general.alignment", 32))
+        align = self.meta.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or not 0 < align <= 1 << 20:
+            raise ValueError(f"general.alignment must be a positive integer, got {align!r}")
         data_start = (self._pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, qtype, offset in infos:
@@ -145,20 +152,33 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if arch != "llama":
         raise LlmkitError(f"{g.path}: unsupported GGUF architecture {arch!r} (supported: llama)")
 
-    def get(key, default=None):
+    def get(key, default=None, kind=int):
+        """A metadata number: a positive int (counts, sizes), or any finite number for kind=float."""
         value = g.meta.get(f"llama.{key}", default)
         if value is None:
             raise LlmkitError(f"{g.path}: metadata key llama.{key} is missing")
+        number = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+        if not number or (kind is int and value <= 0) or (kind is float and not math.isfinite(value)):
+            raise LlmkitError(f"{g.path}: metadata key llama.{key} must be a "
+                              f"{'positive integer' if kind is int else 'number'}, got {value!r}")
         return value
 
     scaling = g.meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", "linear") or (scaling == "linear" and get("rope.scaling.factor", 1.0) != 1.0):
+    if scaling not in ("none", "linear") or (scaling == "linear"
+                                             and get("rope.scaling.factor", 1.0, float) != 1.0):
         raise LlmkitError(f"{g.path}: RoPE scaling {scaling!r} is not supported")
     if "rope_freqs.weight" in g.tensors:
         raise LlmkitError(f"{g.path}: per-frequency RoPE factors (Llama 3.1 rope_freqs) are not supported")
     if "token_embd.weight" not in g.tensors:
         raise LlmkitError(f"{g.path}: tensor token_embd.weight is missing")
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    # Sizes must agree with the tensors (whose extents the file's length bounds) before any are
+    # allocated: a crafted block_count or embedding_length would otherwise ask for terabytes.
+    layers = {name.split(".")[1] for name in g.tensors if name.startswith("blk.")}
+    if g.tensors["token_embd.weight"].shape[-1] != n_embd or len(layers) != get("block_count"):
+        raise LlmkitError(f"{g.path}: metadata (embedding_length {n_embd}, block_count {get('block_count')}) "
+                          f"does not match the tensors ({len(layers)} blocks of width "
+                          f"{g.tensors['token_embd.weight'].shape[-1]})")
     head_dim = get("attention.key_length", n_embd // n_head)
     if get("rope.dimension_count", head_dim) != head_dim:
         raise LlmkitError(f"{g.path}: partial rotary embeddings are not supported")
@@ -174,10 +194,10 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         bias=False,
         qkv_bias="blk.0.attn_q.bias" in g.tensors,
         norm="rmsnorm",
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", kind=float)),
         mlp="swiglu",
         pos="rope",
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_theta=float(get("rope.freq_base", 10000.0, float)),
         tie_embeddings="output.weight" not in g.tensors,
     )
 
@@ -208,7 +228,7 @@ def gguf_state_dict(g: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]
     state = {"embed.weight": take("token_embd.weight"), "final_norm.weight": take("output_norm.weight")}
     if not config.tie_embeddings:
         state["lm_head.weight"] = take("output.weight")
-    for i in range(config.n_layer):
+    for i in progress(range(config.n_layer), desc="dequantize", unit="layer"):
         p = f"blk.{i}."
 
         def qkv(kind, fetch):
@@ -271,12 +291,17 @@ def gguf_hf_tokenizer(g: GGUFFile):
     merges = g.meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise LlmkitError(f"{g.path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)
+            and isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
+        raise LlmkitError(f"{g.path}: tokenizer.ggml.tokens and .merges must be lists of strings (merges 'a b')")
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     hf = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
     hf.pre_tokenizer = _pre_tokenizer(g.meta.get("tokenizer.ggml.pre", "default"), g.path)
     hf.decoder = decoders.ByteLevel()
     types = g.meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise LlmkitError(f"{g.path}: tokenizer.ggml.token_type must list one type per token")
     # Control tokens (<|im_end|>, ...) and user-defined ones must match whole, never split by BPE.
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, ty in zip(tokens, types) if ty == _CONTROL])
@@ -289,9 +314,17 @@ def gguf_tokenizer(g: GGUFFile):
     """llmkit Tokenizer with the file's special ids and chat template."""
     from llmkit.tokenizer import Tokenizer
 
+    hf = gguf_hf_tokenizer(g)  # checks the vocabulary first
     ids = {name: g.meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "padding", "eot")}
-    return Tokenizer.from_hf(gguf_hf_tokenizer(g), bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["padding"],
-                             chat_template=g.meta.get("tokenizer.chat_template"),
+    vocab = len(g.meta["tokenizer.ggml.tokens"])
+    for name, i in ids.items():
+        if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab):
+            raise LlmkitError(f"{g.path}: tokenizer.ggml.{name}_token_id {i!r} is not a token id (0..{vocab - 1})")
+    template = g.meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise LlmkitError(f"{g.path}: tokenizer.chat_template must be a string, got {type(template).__name__}")
+    return Tokenizer.from_hf(hf, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["padding"],
+                             chat_template=template,
                              stop_ids=[i for i in (ids["eot"], ids["eos"]) if i is not None])
 
 

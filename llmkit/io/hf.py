@@ -74,13 +74,26 @@ def config_from_hf(hf: dict, source) -> ModelConfig:
                        rope_theta=float(theta), tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
+def _index_shards(index: Path, model_dir: Path) -> list[str]:
+    """The shard file names of a sharded checkpoint's index, each a plain file inside `model_dir`:
+    an index could otherwise point the loader at any file on the machine (/etc/..., ../../...)."""
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LlmkitError(f"{index}: \"weight_map\" must be a non-empty mapping of tensor names to shard files")
+    shards = set(weight_map.values())
+    for shard in shards:
+        if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts \
+                or (model_dir / shard).resolve().parent != model_dir.resolve():
+            raise LlmkitError(f"{index}: shard {shard!r} is not a file name inside {model_dir}")
+    return sorted(shards)
+
+
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a single-file or sharded safetensors checkpoint."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise LlmkitError(f"{index}: empty weight_map")
+        shards = _index_shards(index, model_dir)
     elif (model_dir / "model.safetensors").exists():
         shards = ["model.safetensors"]
     else:
@@ -185,6 +198,8 @@ def load_hf(model_dir, device="cpu"):
         config = config_from_hf(hf_config, model_dir / "config.json")
     except KeyError as e:
         raise LlmkitError(f"{model_dir / 'config.json'}: missing key {e}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # "hidden_size": "x", heads 0, ...
+        raise LlmkitError(f"{model_dir / 'config.json'}: a value has the wrong type or range ({e})") from None
     tokenizer = load_hf_tokenizer(model_dir, hf_config)
     get = _Source(read_safetensors(model_dir), model_dir)
     state = (_gpt2_state if hf_config["model_type"] == "gpt2" else _llama_state)(get, config)

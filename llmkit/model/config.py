@@ -12,6 +12,10 @@ import json
 from dataclasses import dataclass
 
 from llmkit.errors import LlmkitError
+from llmkit.utils import check_field_types, check_range
+
+
+MAX_CONTEXT = 1 << 20  # tokens; far beyond any context llmkit can run, far below a corrupt value
 
 
 @dataclass
@@ -36,6 +40,18 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        check_field_types(self, "model config")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            check_range(f"model config {name}", getattr(self, name), 1, integer=True)
+        # Position tables are allocated up front: a corrupt 2**40 would exhaust memory, not fail.
+        check_range("model config block_size", self.block_size, 1, MAX_CONTEXT, integer=True)
+        for name in ("n_kv_head", "head_dim", "intermediate_size"):
+            if getattr(self, name) is not None:
+                check_range(f"model config {name}", getattr(self, name), 1, integer=True)
+        check_range("model config dropout", self.dropout, 0, 1, high_open=True)
+        check_range("model config norm_eps", self.norm_eps, 0, low_open=True)
+        check_range("model config rope_theta", self.rope_theta, 0, low_open=True)
+        check_range("model config init_std", self.init_std, 0)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -56,7 +72,6 @@ class ModelConfig:
             (self.pos in ("learned", "rope", "sinusoidal"), f"unknown pos {self.pos!r} (learned, rope, sinusoidal)"),
             (self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}"),
             (self.pos != "rope" or self.head_dim % 2 == 0, "rope needs an even head_dim"),
-            (min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) > 0, "sizes must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -67,6 +82,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise LlmkitError(f"model config must be a mapping of settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -80,7 +97,7 @@ class ModelConfig:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise LlmkitError(f"cannot read model config {path}: {e}") from None
-        return cls.from_dict(d.get("model", d))
+        return cls.from_dict(d.get("model", d) if isinstance(d, dict) else d)
 
 
 PRESETS: dict[str, dict] = {

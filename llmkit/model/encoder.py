@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
+from llmkit.utils import check_field_types, check_range
 
 TASKS = (None, "mlm", "classify", "tag")
 
@@ -41,6 +42,10 @@ class EncoderConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        check_field_types(self, "encoder config")
+        for name in ("vocab_size", "max_position", "type_vocab_size", "n_layer", "n_head", "n_embd"):
+            check_range(f"encoder config {name}", getattr(self, name), 1, integer=True)
+        check_range("encoder config norm_eps", self.norm_eps, 0, low_open=True)
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
         checks = [
@@ -49,6 +54,9 @@ class EncoderConfig:
                  self.n_head, self.n_embd, self.intermediate_size) > 0, "encoder sizes must be positive"),
             (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}"),
             (0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)"),
+            (0 <= self.pad_token_id < self.vocab_size, f"pad_token_id={self.pad_token_id} is outside the vocab"),
+            (0 <= self.position_offset < self.max_position,
+             f"position_offset={self.position_offset} leaves no positions"),
         ]
         for ok, message in checks:
             if not ok:
@@ -64,6 +72,8 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderConfig":
+        if not isinstance(d, dict):
+            raise LlmkitError(f"encoder config must be a mapping of settings, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise LlmkitError(f"unknown encoder config keys: {', '.join(unknown)}")

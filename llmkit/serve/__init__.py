@@ -20,23 +20,33 @@ from llmkit.serve.engine import Engine
 __all__ = ["Engine", "SamplingParams", "build_app", "create_app", "serve", "served_name"]
 
 
+GENERIC_DIR_NAMES = {"model", "models", "final", "checkpoint", "out", "output", "merged", "hf", "llmkit"}
+
+
 def served_name(name_or_path: str) -> str:
-    """The id clients put in `model`: a short name as given, else the file or directory name."""
+    """The id clients put in `model`: a short name as given, else the file or directory name,
+    with its parent's in front when the name alone says nothing (runs/demo/model -> demo/model)."""
     path = Path(name_or_path)
     if not path.exists():
         return name_or_path
-    return path.stem if path.is_file() else path.resolve().name
+    if path.is_file():
+        return path.stem
+    path = path.resolve()
+    if path.name.lower() in GENERIC_DIR_NAMES and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
 
 
 def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: str | None = None,
               max_batch: int = 16, max_queue: int = 128, context: int | None = None, timeout: float = 600.0,
               api_key: str | None = None, max_body_bytes: int = 1 << 20, dtype: str | None = None,
-              nlu: list[str] | None = None, dialog: str | None = None,
+              nlu: list[str] | None = None, dialog: str | None = None, name: str | None = None,
               cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None):
     """Load the models and wire engine and app. `model` may be a decoder (chat/completions) or an
     encoder (then it serves embeddings); `embedding_model` adds an encoder beside a decoder.
     `dtype` (float32 default, bfloat16, float16) is the decoder's. `nlu` (NLU model dirs) adds
-    /v1/classify and /v1/tag, `dialog` (a domain file, with `nlu`) adds /v1/dialog; model="none" serves no decoder."""
+    /v1/classify and /v1/tag, `dialog` (a domain file, with `nlu`) adds /v1/dialog; model="none" serves no decoder.
+    `name` replaces the id clients use for `model` (the decoder's, or the encoder's when it is served alone)."""
     from llmkit.serve.embeddings import is_encoder, load_embedder
     from llmkit.serve.origin import check_origins
 
@@ -59,6 +69,13 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
     if embedding_model is not None:
         embedder = load_embedder(embedding_model)
         embed_name = served_name(embedding_model)
+    if name is not None:
+        if not name.strip() or name != name.strip():
+            raise LlmkitError(f"--name {name!r} must be non-empty, without leading or trailing spaces")
+        if engine is not None:
+            decoder_name = name
+        else:
+            embed_name = name
     return create_app(engine, decoder_name or "none", embedder=embedder, embedding_model=embed_name,
                       api_key=api_key, max_body_bytes=max_body_bytes, routes=routes, cors_origins=cors_origins,
                       allowed_hosts=allowed_hosts)

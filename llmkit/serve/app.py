@@ -34,17 +34,44 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
-def _error(status: int, message: str, type_: str, code: str | None, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": None}},
+def _error(status: int, message: str, type_: str, code: str | None, headers=None, param=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code, "param": param}},
                         status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    first = exc.errors()[0] if exc.errors() else {}
-    if first.get("type") == "json_invalid":
-        return "request body is not valid JSON"
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    return f"{where}: {first.get('msg', 'invalid value')}"
+# Fields whose value may take several shapes: pydantic reports one error per shape, none of
+# which names the problem; say what the field accepts instead.
+UNION_FIELDS = {"prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+                "input": "a non-empty string or a list of strings", "stop": "a string or a list of strings",
+                "content": "a string or a list of text parts"}
+
+
+def _clean_loc(loc) -> list[str]:
+    """A field path without "body" and without pydantic's union-branch tags (str, list[int], ...)."""
+    return [str(p) for p in loc if p != "body" and not ("[" in str(p) or str(p) in ("str", "int", "float", "bool"))]
+
+
+def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param) for the most telling problem in a request body: an unknown field, else a
+    wrong value (too short, out of range), else a wrong type, said per field rather than per shape."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    if errors[0].get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    extra = next((e for e in errors if e.get("type") == "extra_forbidden"), None)
+    if extra is not None:
+        where = ".".join(_clean_loc(extra["loc"]))
+        return f"unknown field {where!r}: this server does not implement it", where
+    value_error = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), None)
+    chosen = value_error or errors[0]
+    loc = _clean_loc(chosen.get("loc", ()))
+    union = next((i for i, p in enumerate(loc) if p in UNION_FIELDS), None)
+    if value_error is None and union is not None and len(errors) > 1:
+        field = ".".join(loc[:union + 1])
+        return f"{field}: must be {UNION_FIELDS[loc[union]]}", field
+    where = ".".join(loc) or "body"
+    return f"{where}: {chosen.get('msg', 'invalid value')}", where
 
 
 def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedding_model: str | None = None,
@@ -81,7 +108,8 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError):
-        return _error(400, _validation_message(exc), "invalid_request_error", "invalid_value")
+        message, param = _validation_error(exc)
+        return _error(400, message, "invalid_request_error", "invalid_value", param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):

@@ -1,8 +1,9 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 They double as the server's OpenAPI schema, so every bound here (lengths, ranges)
-is also what schemathesis explores. Unknown fields are ignored, as OpenAI clients
-send options this server has no use for.
+is also what schemathesis explores. Requests are strict: a field this server does not
+implement is refused (400 naming it) rather than silently ignored, and values are never
+coerced (`n: 1.0`, `ignore_eos: 0`, a `false` token id are errors, not 1, False and 0).
 """
 from __future__ import annotations
 
@@ -35,11 +36,16 @@ Stop = Union[Text, Annotated[list[Text], Field(max_length=MAX_STOP)], None]
 Texts = Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
 
 
-class StreamOptions(BaseModel):
+class Strict(BaseModel):
+    """Request bodies: unknown fields and type coercions are client errors."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Strict):
     """The generation parameters shared by completions and chat completions."""
     model: Text
     max_tokens: int | None = Field(None, ge=1, description="default: 16 (completions), rest of the context (chat)")
@@ -67,7 +73,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="put the prompt before the completion (with logprobs: score it)")
 
 
-class TextPart(BaseModel):
+class TextPart(Strict):
     type: Literal["text"]
     text: Text
 
@@ -83,7 +89,7 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Text, list[TextPart], None] = None
     name: str | None = None
@@ -135,7 +141,7 @@ class ChatRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(Strict):
     model: Text
     input: Union[Text, Texts] = Field(..., description="one text or a list of texts")
     encoding_format: Literal["float", "base64"] = "float"

@@ -19,6 +19,7 @@ from llmkit.errors import LlmkitError
 from llmkit.model.encoder import ENCODER_PRESETS, EncoderConfig
 from llmkit.model.seq2seq import SEQ2SEQ_PRESETS, Seq2SeqConfig
 from llmkit.train.losses import ENCODER_OBJECTIVES
+from llmkit.utils import TYPE_NAMES, check_device, check_field_types, check_range
 
 
 @dataclass
@@ -33,8 +34,8 @@ class TrainConfig:
     max_steps: int = 2000
     lr: float = 1e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 100
-    lr_decay_steps: int = 2000         # cosine reaches min_lr here and stays there
+    warmup_steps: int | None = None    # None: max_steps // 20 (100 for the default 2000 steps)
+    lr_decay_steps: int | None = None  # cosine reaches min_lr here and stays there; None: max_steps
     lr_schedule: str = "cosine"        # cosine | inverse_sqrt (Vaswani et al.: warmup, then lr * sqrt(warmup / step))
     label_smoothing: float = 0.0       # seq2seq: the paper uses 0.1
     weight_decay: float = 0.1
@@ -60,10 +61,14 @@ class TrainConfig:
     overwrite: bool = False            # train into an out_dir that already holds a checkpoint, replacing it
 
     def __post_init__(self):
+        check_field_types(self, "training config")
+        # The schedule follows the run's length unless set: a 100-step run is not all warmup.
+        if self.warmup_steps is None:
+            self.warmup_steps = self.max_steps // 20
+        if self.lr_decay_steps is None:
+            self.lr_decay_steps = self.max_steps
         checks = [
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} (float32, bfloat16, float16)"),
-            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-             f"device {self.device!r} (auto, cpu, cuda)"),
             (self.preset in PRESETS or self.preset in ENCODER_PRESETS or self.preset in SEQ2SEQ_PRESETS,
              f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS, *SEQ2SEQ_PRESETS])}"),
             (self.lr_schedule in ("cosine", "inverse_sqrt"), f"lr_schedule {self.lr_schedule!r} (cosine, inverse_sqrt)"),
@@ -79,12 +84,30 @@ class TrainConfig:
         for ok, what in checks:
             if not ok:
                 raise LlmkitError(f"bad training config: {what}")
+        self._check_ranges()
         model_class = EncoderConfig if self.objective in ENCODER_OBJECTIVES else ModelConfig
         if self.objective == "seq2seq":
             model_class = Seq2SeqConfig
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(model_class)})
         if unknown:
             raise LlmkitError(f"unknown model config keys: {', '.join(unknown)}")
+
+    def _check_ranges(self) -> None:
+        for name in ("weight_decay", "grad_clip", "min_lr"):
+            check_range(name, getattr(self, name), 0)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("beta1", self.beta1, 0, 1, high_open=True)
+        check_range("beta2", self.beta2, 0, 1, high_open=True)
+        if self.threads is not None:
+            check_range("threads", self.threads, 1, integer=True)
+        if self.peak_flops is not None:
+            check_range("peak_flops", self.peak_flops, 0, low_open=True)
+        check_range("lr_decay_steps", self.lr_decay_steps, 0, integer=True)
+        device, _, index = self.device.partition(":")
+        if device not in ("auto", "cpu", "cuda") or (index and (device != "cuda" or not index.isdigit())):
+            raise LlmkitError(f"bad training config: device {self.device!r} (auto, cpu, cuda, cuda:N)")
+        if device == "cuda":
+            check_device(self.device, "device")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,7 +154,7 @@ def _coerce(name: str, value, hint):
             return str(value)
     else:
         raise LlmkitError(f"{name} cannot be set this way")
-    raise LlmkitError(f"bad value for {name}: {value!r} is not a {hint.__name__}")
+    raise LlmkitError(f"bad value for {name}: {value!r} is not {TYPE_NAMES.get(hint, hint.__name__)}")
 
 
 def _set(values: dict, model: dict, key: str, value) -> None:

@@ -210,11 +210,16 @@ def run_distill(teacher: str, student: str, data_dir, out_dir, overrides=(), tem
                 alpha: float = 0.5, top_k: int | None = None, max_steps: int | None = None,
                 resume: bool = False) -> dict:
     """`llmkit distill`: the student is a preset name (trained from scratch) or a model to start from."""
+    from pathlib import Path
+
+    from llmkit.io.resolve import EMBEDDED_MODELS, resolve_model
     from llmkit.model.config import PRESETS
-    from llmkit.io.resolve import resolve_model
     from llmkit.train.config import load_train_config
 
     is_preset = student in PRESETS
+    if not is_preset and student not in EMBEDDED_MODELS and not Path(student).expanduser().exists():
+        raise LlmkitError(f"--student {student!r} is neither a preset (choose from {', '.join(PRESETS)}) "
+                          f"nor a model path or name ({', '.join(EMBEDDED_MODELS)})")
     config = load_train_config(None, overrides, data_dir=str(data_dir), out_dir=str(out_dir),
                                preset=student if is_preset else None, max_steps=max_steps)
     teacher_model, teacher_tok = resolve_model(teacher)

@@ -24,6 +24,7 @@ from llmkit.errors import LlmkitError
 from llmkit.eval.metrics import accuracy, entity_scores, macro_f1
 from llmkit.model.encoder import Encoder, with_head
 from llmkit.tokenizer import Tokenizer
+from llmkit.utils import progress
 
 FIELDS = {"classify": ("text", "label"), "tag": ("tokens", "tags")}
 
@@ -270,7 +271,7 @@ def fit(model: torch.nn.Module, n_examples: int, batch, cfg: FinetuneConfig, eva
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(n_examples, generator=gen).tolist()
         running = 0.0
-        for b in range(0, n_examples, cfg.batch_size):
+        for b in progress(range(0, n_examples, cfg.batch_size), desc=f"epoch {epoch}", unit="batch"):
             ramp = (step + 1) / warmup if step < warmup else (total - step) / max(1, total - warmup)
             set_lr(optimizer, cfg.lr * ramp)
             _, loss = model(**_to(batch(order[b: b + cfg.batch_size]), cfg.device))
