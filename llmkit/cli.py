@@ -154,6 +154,7 @@ def generate_cmd(
     early_stopping: str = typer.Option("false", "--early-stopping", help="beams: true, false or never"),
     no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="beams: forbid repeated n-grams"),
     num_return_sequences: int = typer.Option(1, "--num-return-sequences", help="beams: best N outputs per prompt"),
+    json_schema: str = typer.Option(None, "--json-schema", help="JSON schema file: the output is JSON following it"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
     from llmkit.infer.generate import SamplingParams, generate, stream
@@ -165,7 +166,8 @@ def generate_cmd(
     if num_samples < 1:
         raise LlmkitError(f"--num-samples must be >= 1, got {num_samples}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
+                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed,
+                            json_schema=_read_schema(json_schema))
     device = check_device(device)
     beam = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                 no_repeat_ngram_size=no_repeat_ngram_size, num_return_sequences=num_return_sequences)
@@ -196,6 +198,22 @@ def generate_cmd(
         if i:
             print("---")
         print((p if echo else "") + completion)
+
+
+def _read_schema(path: str | None) -> dict | None:
+    import json
+
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LlmkitError(f"cannot read the JSON schema {path}: {e}") from None
+    from llmkit.infer.structured import json_grammar
+
+    json_grammar(schema)  # an unusable schema fails here, before the model loads
+    return schema
 
 
 @app.command("chat", epilog=epilog("chat"))
@@ -305,6 +323,11 @@ def serve_cmd(
     nlu: list[str] = typer.Option(None, "--nlu", help="NLU model served at /v1/classify and /v1/tag: an "
                                                       "intent-slots model, or a classify and a tag model"),
     dialog: str = typer.Option(None, "--dialog", help="dialogue domain YAML served at /v1/dialog (needs --nlu)"),
+    cors_origin: list[str] = typer.Option(None, "--cors-origin",
+                                          help="browser origin allowed to call the API (repeatable; '*' for any)"),
+    allowed_host: list[str] = typer.Option(None, "--allowed-host",
+                                           help="extra Host name to answer (repeatable; on loopback only "
+                                                "localhost names are answered)"),
 ):
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at http://HOST:PORT/."""
     from llmkit.serve import serve
@@ -318,7 +341,8 @@ def serve_cmd(
     check_range("--max-body", max_body, 1, integer=True)
     serve(model, host=host, port=port, embedding_model=embedding_model, api_key=api_key, max_batch=max_batch,
           max_queue=max_queue, context=context, timeout=timeout, max_body_bytes=max_body, dtype=dtype,
-          nlu=nlu or None, dialog=dialog, name=name)
+          nlu=nlu or None, dialog=dialog, name=name, cors_origins=cors_origin or None,
+          allowed_hosts=allowed_host or None)
 
 
 def _int_list(value: str | None, what: str) -> list[int] | None:

@@ -271,8 +271,9 @@ class Tokenizer:
 
     # ---- chat ---------------------------------------------------------------------
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        """Render a conversation [{"role", "content"}, ...] to the prompt text the model expects."""
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
+        """Render a conversation [{"role", "content"}, ...] to the prompt text the model expects;
+        `tools` (OpenAI function definitions) reach templates that render them."""
         if self._template is None:
             raise LlmkitError("this tokenizer has no chat template")
         if not isinstance(messages, (list, tuple)) or not messages:
@@ -290,7 +291,7 @@ class Tokenizer:
             return self._template.render(
                 messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                pad_token=self.pad_token or "")
+                pad_token=self.pad_token or "", tools=tools)
         except TemplateError as e:
             raise LlmkitError(f"chat template failed: {e}") from None
 

@@ -86,6 +86,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()      # strings that end a completion (not included in it)
     seed: int | None = None         # None: the global torch RNG
     ignore_eos: bool = False        # go on past the tokenizer's stop tokens (benchmarks)
+    json_schema: dict | None = None  # constrain the output to JSON following it (structured.py)
+    # the server's per-row processing (serve/sampling.py) reads these; generate() does not
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None     # report each token's log-probability and this many alternatives
+    grammar: str | None = None      # an llguidance grammar (structured.py) the output must follow
 
     def __post_init__(self):
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -334,14 +341,21 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams,
         with torch.inference_mode():
             decoder = Decoder(model, B, history.shape[1], compile=compile)
             logits = decoder.prefill(prompt_ids)
+        constraints = _constraints(tokenizer, params.json_schema, B, logits.shape[-1])
         for step in range(N):
             with torch.inference_mode():
+                logits = logits.float()
+                for i, constraint in enumerate(constraints):
+                    if not rows[i].done:
+                        constraint.apply(logits[i])
                 tokens = sample(logits, params, generator, history)
                 history[torch.arange(B, device=device), lengths + step] = tokens
             if step == 0:  # after the first token: a failing model says only what went wrong
                 say_clamped(model, params.max_new_tokens, N)
             for i, token in enumerate(tokens.tolist()):
                 if not rows[i].done:
+                    if constraints:
+                        constraints[i].advance(token)
                     piece = rows[i].push(token, last=step == N - 1)
                     if piece:
                         yield i, piece
@@ -351,6 +365,16 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams,
                 logits = decoder.step(tokens)
     finally:
         model.train(was_training)
+
+
+def _constraints(tokenizer, schema: dict | None, rows: int, vocab_size: int) -> list:
+    """One grammar state per row when a JSON schema is asked for, else none."""
+    if schema is None:
+        return []
+    from llmkit.infer.structured import Constraint, json_grammar
+
+    grammar = json_grammar(schema)
+    return [Constraint(tokenizer, vocab_size, grammar) for _ in range(rows)]
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:

@@ -40,14 +40,17 @@ def served_name(name_or_path: str) -> str:
 def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: str | None = None,
               max_batch: int = 16, max_queue: int = 128, context: int | None = None, timeout: float = 600.0,
               api_key: str | None = None, max_body_bytes: int = 1 << 20, dtype: str | None = None,
-              nlu: list[str] | None = None, dialog: str | None = None, name: str | None = None):
+              nlu: list[str] | None = None, dialog: str | None = None, name: str | None = None,
+              cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None):
     """Load the models and wire engine and app. `model` may be a decoder (chat/completions) or an
     encoder (then it serves embeddings); `embedding_model` adds an encoder beside a decoder.
     `dtype` (float32 default, bfloat16, float16) is the decoder's. `nlu` (NLU model dirs) adds
     /v1/classify and /v1/tag, `dialog` (a domain file, with `nlu`) adds /v1/dialog; model="none" serves no decoder.
     `name` replaces the id clients use for `model` (the decoder's, or the encoder's when it is served alone)."""
     from llmkit.serve.embeddings import is_encoder, load_embedder
+    from llmkit.serve.origin import check_origins
 
+    check_origins(cors_origins or [])  # before the slow part: a typo fails at once
     engine = embedder = decoder_name = embed_name = None
     routes = _app_routes(nlu, dialog)
     if model == "none":
@@ -74,7 +77,18 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
         else:
             embed_name = name
     return create_app(engine, decoder_name or "none", embedder=embedder, embedding_model=embed_name,
-                      api_key=api_key, max_body_bytes=max_body_bytes, routes=routes)
+                      api_key=api_key, max_body_bytes=max_body_bytes, routes=routes, cors_origins=cors_origins,
+                      allowed_hosts=allowed_hosts)
+
+
+def served_hosts(host: str, extra: list[str] | None = None) -> list[str] | None:
+    """The Host names a server bound to `host` answers: on loopback only this machine's names (a
+    DNS-rebinding defence, origin.py) plus `extra`; elsewhere any, unless `extra` names some."""
+    from llmkit.serve.origin import LOOPBACK, is_loopback
+
+    if is_loopback(host):
+        return [*LOOPBACK, host, *(extra or [])]
+    return [host, *extra] if extra else None
 
 
 def _app_routes(nlu_paths, domain_file):
@@ -94,7 +108,7 @@ def _app_routes(nlu_paths, domain_file):
 
 
 def serve(model: str | None = "smollm2-135m-instruct", *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", **options) -> None:
+          log_level: str = "info", allowed_hosts: list[str] | None = None, **options) -> None:
     """Build the app and run it under uvicorn until interrupted."""
     import sys
 
@@ -103,5 +117,5 @@ def serve(model: str | None = "smollm2-135m-instruct", *, host: str = "127.0.0.1
     if host not in ("127.0.0.1", "localhost", "::1") and not options.get("api_key"):
         print(f"warning: serving on {host} without --api-key: anyone who can reach this machine can use it",
               file=sys.stderr)
-    app = build_app(model, **options)
+    app = build_app(model, allowed_hosts=served_hosts(host, allowed_hosts), **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -25,6 +25,7 @@ from llmkit.serve import schemas as S
 from llmkit.serve.gate import Gate
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.openai_stream import ApiError, Streamer
+from llmkit.serve.origin import guard
 
 log = logging.getLogger("llmkit.serve")
 STATIC = Path(__file__).parent / "static"
@@ -74,10 +75,12 @@ def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedding_model: str | None = None,
-               api_key: str | None = None, max_body_bytes: int = 1 << 20, routes=None) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int = 1 << 20, routes=None,
+               cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The ASGI app. `engine` (an Engine, started and stopped with the app) serves completions;
     `embedder(texts) -> (float32 array (N, D), token count)` serves /v1/embeddings as `embedding_model`;
-    `routes(app)` adds more (the NLU and dialogue routes of llmkit.serve.apps)."""
+    `routes(app)` adds more (the NLU and dialogue routes of llmkit.serve.apps). `cors_origins` opens
+    the API to those browser origins; `allowed_hosts` (None: any) are the only Host names answered (origin.py)."""
     if engine is None and embedder is None and routes is None:
         raise LlmkitError("nothing to serve: give a decoder model, an embedding model, or both")
     metrics = Metrics(engine)
@@ -119,7 +122,10 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
         return _error(500, "internal server error", "server_error", None)
 
     def card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": started, "owned_by": "llmkit"}
+        out = {"id": name, "object": "model", "created": started, "owned_by": "llmkit"}
+        if engine is not None and name == model_name:
+            out["context_length"] = engine.context  # prompt + completion tokens one request may use
+        return out
 
     def check_model(name: str, wanted: str | None, purpose: str) -> None:
         if name not in models:
@@ -164,8 +170,9 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
         @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=ERRORS)
         async def chat_completions(body: S.ChatRequest, request: Request):
             check_model(body.model, model_name, "generate text")
-            prompt = await run_in_threadpool(streamer.chat_prompt, body.messages)
-            return await streamer.respond(request, body, [prompt], chat=True)
+            plan = streamer.tool_plan(body)
+            prompt = await run_in_threadpool(streamer.chat_prompt, body.messages, plan)
+            return await streamer.respond(request, body, [prompt], chat=True, plan=plan)
 
     if embedder is not None:
         @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERRORS)
@@ -206,4 +213,5 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
     app.openapi = openapi
     # Outermost but for Starlette's error middleware: refused requests cost no parsing, all are counted.
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    guard(app, cors_origins=cors_origins, allowed_hosts=allowed_hosts)  # outside the Gate: preflights need no key
     return app

@@ -23,7 +23,9 @@ import torch
 from llmkit.errors import LlmkitError
 from llmkit.infer.generate import Completion, Decoder, SamplingParams, sample
 from llmkit.infer.cpu import optimize_for_inference
+from llmkit.infer.logprobs import token_logprobs
 from llmkit.serve.prefill import Prefiller
+from llmkit.serve.sampling import process as process_logits
 
 log = logging.getLogger("llmkit.serve")
 INITIAL_SLOTS = 256  # KV cache length allocated first; it doubles on demand up to the context
@@ -37,6 +39,7 @@ class Event:
     token: bool = False
     finish: str | None = None   # stop | length | timeout | error | cancelled
     error: str | None = None
+    logprob: tuple | None = None  # (token, logprob, [(id, logprob)] alternatives) if asked for
 
 
 class QueueFull(Exception):
@@ -82,6 +85,9 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed((params.seed + index) % 2 ** 64)
         self.generated = 0
+        self.output: list[int] = []  # generated ids, for the penalties
+        self.scored = None           # logprobs of the token just sampled
+        self.constraint = None       # grammar state, made on the engine thread when first needed
         self.pending = -1   # last sampled token, fed to the next decode step
         self.row = -1
 
@@ -264,19 +270,27 @@ class Engine:
             p = seq.params
             key = i if seq.generator is not None else (p.temperature, p.top_k, p.top_p, p.repetition_penalty)
             groups.setdefault(key, []).append(i)
+        raw = logits.float()
+        logits = process_logits(raw, seqs, lambda p: p.temperature, self.tokenizer)  # penalties, min-p, grammar
         tokens = [0] * len(seqs)
         for rows in groups.values():
             p, gen = seqs[rows[0]].params, seqs[rows[0]].generator or self._generator
-            picked = sample(logits[rows], p, gen)
+            picked = sample(logits[rows], p, gen)  # no history: the repetition penalty is process_logits'
             for i, token in zip(rows, picked.tolist()):
                 tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if seq.params.logprobs is not None:
+                seq.scored = token_logprobs(raw[i], tokens[i], seq.params.logprobs)
         return tokens
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.generated += 1
+        seq.output.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         text = seq.completion.push(token, last=seq.generated >= seq.params.max_new_tokens)
         finish = seq.completion.finish_reason
-        seq.job.emit(Event(seq.index, text, token=True, finish=finish))
+        seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
         if finish:
             self._free(seq)
         else:

@@ -15,6 +15,7 @@ MAX_CHOICES = 8         # `n` per prompt
 MAX_PROMPTS = 16        # prompts in one /v1/completions call
 MAX_STOP = 4            # stop strings, as OpenAI
 MAX_EMBED_INPUTS = 256  # texts in one /v1/embeddings call
+MAX_LOGPROBS = 20       # alternatives per token, as OpenAI's top_logprobs
 
 
 def _encodable(text: str) -> str:
@@ -57,12 +58,19 @@ class SamplingFields(Strict):
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     user: str | None = None
     ignore_eos: bool = Field(False, description="extension (as vLLM): generate max_tokens even past end-of-text")
+    top_k: int | None = Field(None, ge=0, description="extension: sample from the k most likely tokens (0: all)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension: drop tokens below min_p x the top probability")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: CTRL's penalty, 1 = off")
     num_beams: int = Field(1, ge=1, le=16, description="extension: beam search with this many beams (deterministic, "
                                                       "not streamed); `n` <= num_beams returns the n best")
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt = Field(..., description="text, texts, token ids, or lists of token ids")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many top tokens")
+    echo: bool = Field(False, description="put the prompt before the completion (with logprobs: score it)")
 
 
 class TextPart(Strict):
@@ -70,15 +78,67 @@ class TextPart(Strict):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[Text, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[Text, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON Schema the reply follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=64)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name for max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
 
 
 class EmbeddingRequest(Strict):
@@ -99,7 +159,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -114,14 +174,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    logprobs: dict | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatResponse(BaseModel):
@@ -151,6 +212,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    context_length: int | None = Field(None, description="extension: the decoder's context in tokens")
 
 
 class ModelList(BaseModel):
