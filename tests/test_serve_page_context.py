@@ -28,6 +28,8 @@ def test_page_trims_old_turns_to_fit_a_short_context(tmp_path):
         page = browser.new_page()
         page.goto(url + "/")
         page.wait_for_function("document.getElementById('model-name').textContent === 'tiny'")
+        page.click("#toggle-settings")  # the settings panel starts closed
+        page.fill("#system-prompt", "Be brief.")
         page.fill("#max-tokens", "200")  # more than the whole context
         page.dispatch_event("#max-tokens", "change")
         sent = []
@@ -41,6 +43,10 @@ def test_page_trims_old_turns_to_fit_a_short_context(tmp_path):
         assert page.locator(".message.error").count() == 0, page.locator(".message.error").all_text_contents()
         last = sent[-1]
         assert "max_tokens" not in last and last["messages"][-1]["content"] == "soldiers march home through rain"
-        assert len(last["messages"]) < 5  # the first exchanges were left out
+        assert last["messages"][0] == {"role": "system", "content": "Be brief."}  # the system prompt stays
+        contents = [m["content"] for m in last["messages"]]
+        assert "the king speaks of love and war" not in contents  # the first exchange was left out of the request
+        assert len(last["messages"]) < 6  # all of it: system, three questions, two answers
         assert "left out to fit the context" in page.locator(".message.assistant .meta").last.text_content()
+        assert page.locator(".message.user").count() == 3  # but the whole conversation is still shown
         browser.close()

@@ -15,7 +15,8 @@ const ui = {
 };
 const SETTINGS = { temperature: ui.temperature, topP: ui.topP, maxTokens: ui.maxTokens, seed: ui.seed,
                    apiKey: ui.apiKey };
-const state = { model: null, context: null, conversations: loadConversations(), current: null, controller: null };
+const state = { model: null, context: null, conversations: loadConversations(), current: null, controller: null,
+                tokensPerByte: 1 };  // until the server reports a prompt's size: a byte-level tokenizer's worst case
 
 function element(tag, className, text) {
   const node = document.createElement(tag);
@@ -59,6 +60,36 @@ function samplingFields() {
   if (ui.topP.value !== "" && topP >= 0 && topP <= 1) fields.top_p = topP;
   if (ui.seed.value !== "" && Number.isInteger(Number(ui.seed.value))) fields.seed = Number(ui.seed.value);
   return fields;
+}
+
+// ---- fitting the context ----------------------------------------------------------
+
+const encoder = new TextEncoder();
+const TEMPLATE_BYTES = 8;  // a message's share of the chat template, roughly
+const sizeOf = (messages) => messages.reduce((n, m) => n + encoder.encode(m.content).length + TEMPLATE_BYTES, 0);
+
+// The messages and sampling fields for a reply. As `llmkit chat` does, the oldest exchanges are left out
+// of the request (not the conversation; the system prompt stays) until the prompt, estimated from its
+// size and the tokens per byte the server last reported, leaves the reply its room: max tokens, at most
+// half the context. A max_tokens larger than the room left is not sent: the server then lets the reply
+// take what is left.
+function request(conversation) {
+  const system = conversation.system ? [{ role: "system", content: conversation.system }] : [];
+  let kept = conversation.messages.map(({ role, content }) => ({ role, content }));
+  const fields = samplingFields();
+  let dropped = 0;
+  if (state.context) {
+    const estimate = () => Math.ceil(state.tokensPerByte * sizeOf([...system, ...kept]));
+    const room = Math.min(fields.max_tokens || state.context, Math.floor(state.context / 2));
+    while (estimate() + room > state.context) {
+      const next = kept.findIndex((m, i) => i > 0 && m.role === "user");  // where the second exchange starts
+      if (next < 0) break;  // the last question is all that is left
+      kept = kept.slice(next);
+      dropped += 1;
+    }
+    if (fields.max_tokens && estimate() + fields.max_tokens > state.context) delete fields.max_tokens;
+  }
+  return { messages: [...system, ...kept], fields, dropped };
 }
 
 function headers() {
@@ -131,6 +162,9 @@ function metaElement(meta) {
   if (meta.used !== undefined && meta.context) {
     parts.push(["context-use", `context ${meta.used}/${meta.context} (${Math.round(100 * meta.used / meta.context)}%)`]);
   }
+  if (meta.dropped) {
+    parts.push(["dropped", `${meta.dropped} older exchange${meta.dropped > 1 ? "s" : ""} left out to fit the context`]);
+  }
   if (meta.note) parts.push(["note", meta.note]);
   parts.forEach(([name, text], i) => {
     if (i) node.append(" · ");
@@ -200,8 +234,7 @@ function setBusy(busy) {
 async function generate() {
   const conversation = state.current;
   if (!state.model) await loadModel();
-  const messages = conversation.messages.map(({ role, content }) => ({ role, content }));
-  if (conversation.system) messages.unshift({ role: "system", content: conversation.system });
+  const { messages, fields, dropped } = request(conversation);
   const reply = { role: "assistant", content: "", meta: null };
   conversation.messages.push(reply);
   persist();
@@ -219,7 +252,7 @@ async function generate() {
       ui.messages.scrollTop = ui.messages.scrollHeight;
     });
   };
-  const meta = { tokens: 0, context: state.context };
+  const meta = { tokens: 0, context: state.context, dropped };
   const controller = state.controller = new AbortController();
   setBusy(true);
   const started = performance.now();
@@ -229,7 +262,7 @@ async function generate() {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
       body: JSON.stringify({ model: state.model, messages, stream: true, stream_options: { include_usage: true },
-                             ...samplingFields() }),
+                             ...fields }),
     });
     if (!response.ok) throw new Error(await errorText(response));
     for await (const chunk of serverEvents(response)) {
@@ -246,6 +279,7 @@ async function generate() {
       if (chunk.usage) {
         meta.tokens = chunk.usage.completion_tokens;
         meta.used = chunk.usage.total_tokens;
+        if (chunk.usage.prompt_tokens) state.tokensPerByte = chunk.usage.prompt_tokens / sizeOf(messages);
       }
     }
   } catch (e) {
