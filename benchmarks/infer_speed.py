@@ -159,7 +159,7 @@ def run_llmkit_quantized(gguf_path, ids, new_tokens, repeats):
 
     quant.available()  # built (and cached) before the clock starts, as after a first run
     start = time.perf_counter()
-    model, tokenizer = resolve_model(gguf_path)
+    model, tokenizer = resolve_model(gguf_path, dtype="quantized")
     with torch.inference_mode():
         model(torch.tensor([tokenizer.encode("Hello")]), last_only=True)[0].argmax()
     load = time.perf_counter() - start

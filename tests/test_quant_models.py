@@ -92,7 +92,7 @@ def test_quantize_command_rtn_and_gptq(tiny, tmp_path):
     q8 = quantize_command(path, tmp_path / "q8", "q8_0", "rtn", text)
     assert abs(q8["perplexity_after"] / q8["perplexity_before"] - 1) < 0.01
     assert rtn["perplexity_before"] == q8["perplexity_before"]
-    loaded, _ = resolve_model(tmp_path / "rtn")
+    loaded, _ = resolve_model(tmp_path / "rtn", dtype="quantized")
     assert loaded.blocks[0].attn.qkv.format == "q4_1" and loaded.embed.format == "q8_0"
     expanded, _ = resolve_model(tmp_path / "rtn", dtype="float32")
     assert torch.equal(expanded.blocks[0].attn.qkv.weight, loaded.blocks[0].attn.qkv.dequantized())
@@ -140,13 +140,13 @@ def test_bad_inputs_are_one_clear_line(tiny, tmp_path):
             writer.add_tensor(name, tensor)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(LlmkitError, match=r"blk.0.ffn_down.weight is Q5_0.*--dtype float32"):
-        resolve_model(tmp_path / "q5.gguf")
+        resolve_model(tmp_path / "q5.gguf", dtype="quantized")
     assert resolve_model(tmp_path / "q5.gguf", dtype="float32")[0] is not None  # expanding still works
     # a truncated tensor
     data = (tmp_path / "f.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:-100])
     with pytest.raises(LlmkitError, match="truncated"):
-        resolve_model(tmp_path / "cut.gguf")
+        resolve_model(tmp_path / "cut.gguf", dtype="quantized")
     # a model too small for blocks of 32
     small = GPT(ModelConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=48, intermediate_size=96,
                             norm="rmsnorm", mlp="swiglu", pos="rope", bias=False))

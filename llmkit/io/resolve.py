@@ -43,11 +43,14 @@ def embedded_model_path(name: str) -> Path:
     return path
 
 
+QUANTIZED = "quantized"  # --dtype value: keep quantized weights in their blocks
+
+
 def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype).lower() not in _DTYPES:
-        raise LlmkitError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
+        raise LlmkitError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)}, {QUANTIZED})")
     return _DTYPES[str(dtype).lower()]
 
 
@@ -89,13 +92,19 @@ def resolve_path(name_or_path) -> Path:
 def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     """(model, tokenizer) for a short name, a .gguf file, an llmkit or a Hugging Face directory.
 
-    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it.
-    Quantized weights (a GGUF's q8_0/q4_0/q4_1 blocks, an `llmkit quantize` directory) stay quantized
-    on the CPU when `dtype` is None (llmkit.infer.quant); a dtype expands them to floats.
+    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it,
+    default float32. Quantized weights (a GGUF's q8_0/q4_0/q4_1 blocks, an `llmkit quantize` directory)
+    are expanded like any others, unless `dtype` is 'quantized': then they stay in their blocks on the
+    CPU (llmkit.infer.quant). Not the default: decoding on int8-rounded activations, as llama.cpp does,
+    moves logits by ~1% (SmolLM2's greedy answer to "What is the capital of France?" changes), and
+    the float32 default keeps llmkit's output equal to transformers' on the same file.
     """
     path = resolve_path(name_or_path)
     kind = model_format(path)
-    keep_blocks = dtype is None and torch.device(device).type == "cpu"
+    keep_blocks = str(dtype).lower() == QUANTIZED
+    if keep_blocks and torch.device(device).type != "cpu":
+        raise LlmkitError("--dtype quantized runs on the CPU only (the quantized kernels are CPU kernels)")
+    dtype = None if keep_blocks else dtype
     if kind == "adapter":
         model, tokenizer = _load_adapter_model(path)
     elif kind == "gguf" and keep_blocks:
@@ -173,7 +182,7 @@ def convert(src, dst, to: str = "llmkit", gguf_type: str = "f16") -> Path:
         if dst.is_dir():
             raise LlmkitError(f"{dst} is a directory; the GGUF destination must be a file")
         # quantized sources keep their blocks when a quantized type is asked for
-        model, tokenizer = resolve_model(src_path, dtype=None if gguf_type.startswith("q") else "float32")
+        model, tokenizer = resolve_model(src_path, dtype=QUANTIZED if gguf_type.startswith("q") else "float32")
         return save_gguf(model, tokenizer, dst, gguf_type)
     if dst.is_file():
         raise LlmkitError(f"{dst} is a file; the destination must be a directory")
