@@ -221,8 +221,8 @@ def test_params_target_solves_the_mlp_width():
 # -- bad input ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["--sparsity", "1.0"], "sparsity must be in [0, 1), got 1.0"),
-    (["--sparsity", "-0.1"], "sparsity must be in [0, 1), got -0.1"),
+    (["--sparsity", "1.0"], "--sparsity must be a number in [0, 1), got 1.0"),
+    (["--sparsity", "-0.1"], "--sparsity must be a number in [0, 1), got -0.1"),
     (["--params", "5M", "--calib", "CALIB"], "--params 5,000,000 is not smaller than the model"),
     (["--layers", "9", "--calib", "CALIB"], "--layers 9 is larger than the model (4)"),
     (["--heads", "0", "--calib", "CALIB"], "--heads 0 would prune every attention head of a layer"),

@@ -133,7 +133,7 @@ def test_fine_tunes_an_imported_model_and_translates(pairs_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "m"
     args = ["train", "--objective", "seq2seq", "--preset", "seq2seq-tiny", "--data", str(pairs_dir), "--out", str(out),
-            "--max-steps", "250", "batch_size=16", "block_size=48", "lr=4e-3", "warmup_steps=20",
+            "--max-steps", "250", "batch_size=16", "block_size=48", "lr=4e-3", "warmup_steps=20", "lr_decay_steps=2000",
             "model.n_layer=1", "model.n_embd=64", "model.intermediate_size=128", "model.sinusoid_halves=true",
             "model.dropout=0.0", "label_smoothing=0.1", "eval_interval=0", "progress=false"]
     result = runner.invoke(app, args)
@@ -143,7 +143,8 @@ def test_fine_tunes_an_imported_model_and_translates(pairs_dir, tmp_path):
     tuned = tmp_path / "tuned"
     result = runner.invoke(app, ["train", "--objective", "seq2seq", "--model", str(tmp_path / "hf"), "--data",
                                  str(pairs_dir), "--out", str(tuned), "--max-steps", "20", "batch_size=16",
-                                 "block_size=48", "lr=1e-3", "warmup_steps=2", "eval_interval=10", "progress=false"])
+                                 "block_size=48", "lr=1e-3", "warmup_steps=2", "lr_decay_steps=2000", "eval_interval=10",
+                                 "progress=false"])
     assert result.exit_code == 0, result.output
     vals = [r["val_loss"] for r in read_metrics(tuned) if "val_loss" in r]
     assert vals[-1] < 0.5

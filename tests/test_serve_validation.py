@@ -43,7 +43,8 @@ def error(response, field: str | None = None) -> str:
     ({"seed": "7"}, "seed", "seed: Input should be a valid integer"),
     ({"temperature": "0.5"}, "temperature", "temperature: Input should be a valid number"),
     ({"prompt": []}, "prompt", "at least 1 item"),
-    ({"logprobs": 3}, "logprobs", "unknown field 'logprobs': this server does not implement it"),
+    ({"best_of": 3}, "best_of", "unknown field 'best_of': this server does not implement it"),
+    ({"logprobs": 99}, "logprobs", "logprobs: Input should be less than or equal to"),
     ({"frobnicate": {"a": 1}}, "frobnicate", "unknown field 'frobnicate'"),
     ({"stream_options": {"include_usage": True, "chunk": 1}}, "stream_options.chunk", "unknown field"),
 ])
@@ -55,8 +56,8 @@ def test_completion_requests_are_strict(client, extra, field, says):
 def test_chat_messages_are_strict(client):
     base = {"model": "tiny", "max_tokens": 2}
     message = error(client.post("/v1/chat/completions", json={
-        **base, "messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}), "messages.0.tool_call_id")
-    assert "unknown field 'messages.0.tool_call_id'" in message
+        **base, "messages": [{"role": "user", "content": "hi", "audio": {"id": "x"}}]}), "messages.0.audio")
+    assert "unknown field 'messages.0.audio'" in message
     message = error(client.post("/v1/chat/completions", json={**base, "messages": [{"role": "user", "content": 5}]}))
     assert message.startswith("messages.0.content: must be a string or a list of text parts")
 
