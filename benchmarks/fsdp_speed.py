@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import socket
@@ -32,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from machine import cpu_name  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {
@@ -112,11 +112,6 @@ def launch(row: str, strategy: str, steps: int, data: Path) -> list[dict]:
     return results
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,18 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_isas, cpu_name  # noqa: E402
 
 
-def cpu_line() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
-        isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    except (OSError, StopIteration):
-        isa = []
-    return f"{name}; {' '.join(isa) or 'ISA unknown'}; torch threads {torch.get_num_threads()}"
 
 
 def timed(fn, repeats: int = 20) -> tuple[float, float]:
@@ -143,7 +133,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(cpu_line())
+    isa = cpu_isas(("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile"))
+    print(f"{cpu_name()}; {' '.join(isa) or 'ISA unknown'}; torch threads {torch.get_num_threads()}")
     if not args.skip_index:
         indexing(args.chunks)
     small = search()

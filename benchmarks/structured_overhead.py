@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from machine import cpu_isas, cpu_name  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -114,16 +114,6 @@ def outlines_case(hf_fast, vocab, eos):
     return start, step
 
 
-def cpu_name() -> str:
-    """Model name and the vector instruction sets that matter here, from /proc/cpuinfo."""
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile")
-    return f"{name} ({' '.join(f for f in wanted if f in flags)})"
 
 
 def main():
@@ -138,7 +128,8 @@ def main():
     model, tok = resolve_model("smollm2-135m-instruct")
     vocab = model.config.vocab_size
     hf_fast = PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=tok.eos_token)
-    print(f"CPU: {cpu_name()}, 1 thread; vocabulary {vocab}")
+    isa = " ".join(cpu_isas(("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile")))
+    print(f"CPU: {cpu_name()} ({isa}), 1 thread; vocabulary {vocab}")
     with torch.inference_mode():
         ids = torch.tensor([tok.encode("Hello")])
         model(ids)
