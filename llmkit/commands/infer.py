@@ -201,13 +201,16 @@ def embed_cmd(
 @app.command("predict", epilog=epilog("predict"))
 def predict_cmd(
     input_file: str = typer.Argument(..., metavar="FILE",
-                                     help="JSONL ({text} or {tokens}, gold label/tags optional) or .txt lines"),
-    model: str = typer.Option(..., "--model", help="a model fine-tuned with `llmkit finetune --task classify|tag`"),
+                                     help="JSONL ({text}, {tokens} or {text, text_pair}; gold label/tags "
+                                          "optional) or .txt lines (pairs: text<TAB>text_pair)"),
+    model: str = typer.Option(..., "--model", help="a model fine-tuned with `llmkit finetune --task "
+                                                   "classify|tag|intent-slots|pair`"),
     out: str = typer.Option(None, "--out", "-o", help="output JSONL (default: stdout)"),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
 ):
-    """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
+    """Predict a label per text (classify) or pair (pair), tags per word (tag), or both (intent-slots); scores
+    the predictions when gold is given."""
     from llmkit.train.multitask import is_joint
     from llmkit.train.tasks import format_metrics, run_predict
 
@@ -216,7 +219,7 @@ def predict_cmd(
     check_range("--batch-size", batch_size, 1, integer=True)
     device = check_device(device)
     if is_joint(model):
-        _predict_joint(model, input_file, out, device)
+        _predict_multi(model, input_file, out, batch_size, device)
         return
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
@@ -313,22 +316,30 @@ def ask_cmd(
     print("sources:\n  " + "\n  ".join(sources))
 
 
-def _predict_joint(model_path: str, input_file: str, out: str | None, device: str) -> None:
-    """`predict` with a joint intent-slots model: intent, tags and slot values per line."""
+def _predict_multi(model_path: str, input_file: str, out: str | None, batch_size: int, device: str) -> None:
+    """`predict` with a multi-task model: the label of each pair (a pair head), or intent, tags and slot
+    values per line (a joint intent-slots model)."""
     from llmkit.io.encoders import load_encoder
     from llmkit.train.multitask import run_predict_joint
+    from llmkit.train.pair import has_pair_head, run_predict_pairs
+    from llmkit.train.tasks import format_metrics
     from llmkit.utils import atomic_open
 
     net, tokenizer = load_encoder(model_path, device)
-    lines, metrics = run_predict_joint(net, tokenizer, input_file)
+    if has_pair_head(net):
+        lines, metrics = run_predict_pairs(net, tokenizer, input_file, batch_size)
+        shown = metrics and format_metrics(metrics)
+    else:
+        lines, metrics = run_predict_joint(net, tokenizer, input_file)
+        shown = metrics and (f"intent_accuracy {metrics['intent_accuracy']:.4f}  "
+                             f"slot_f1 {metrics['slot_f1']:.4f}")
     if out is None:
         sys.stdout.writelines(lines)
     else:
         with atomic_open(out, encoding="utf-8") as f:
             f.writelines(lines)
     if metrics is not None:
-        print(f"{metrics['examples']} labelled examples: intent_accuracy {metrics['intent_accuracy']:.4f}  "
-              f"slot_f1 {metrics['slot_f1']:.4f}", file=sys.stderr)
+        print(f"{metrics['examples']} labelled examples: {shown}", file=sys.stderr)
 
 
 def _read_prompts(prompt_file: str) -> list[str]:
