@@ -230,7 +230,8 @@ def predict_cmd(
 def dialog_cmd(
     domain: str = typer.Argument(..., help="domain YAML: intents, slots, required slots, prompts, actions"),
     nlu: list[str] = typer.Option(..., "--nlu", help="an intent-slots model (or a classify and a tag model)"),
-    reply: str = typer.Option("template", "--reply", help="template, or chat: the chat model words each reply"),
+    reply: str = typer.Option(None, "--reply", help="template, or chat: the chat model words each reply "
+                                                    "(default: the domain file's `reply`, else template)"),
     chat_model: str = typer.Option("smollm2-135m-instruct", "--chat-model", help="--reply chat: the chat model"),
     actions: str = typer.Option(None, "--actions", help="append each executed action to this JSONL file"),
     show_state: bool = typer.Option(False, "--show-state", help="print the NLU result and state after each turn"),
@@ -240,11 +241,12 @@ def dialog_cmd(
     from llmkit.apps.domain import load_domain
     from llmkit.apps.nlu import NLU
 
-    if reply not in ("template", "chat"):
+    if reply not in (None, "template", "chat"):
         raise LlmkitError(f"--reply must be template or chat, got {reply!r}")
     if actions is not None:
         check_output(actions, "file", "--actions")
     session = Dialog(load_domain(domain), NLU.load(*nlu))
+    reply = reply or session.domain.reply
     if reply == "chat":
         from llmkit.infer.cpu import optimize_for_inference
         from llmkit.io.resolve import resolve_model
