@@ -178,9 +178,8 @@ def embed_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
-    from llmkit.infer.embed import embed_texts, jsonl_lines, write_embeddings
-    from llmkit.io.encoders import load_encoder, read_lines
-    from llmkit.infer.cpu import optimize_for_inference
+    from llmkit.infer.embed import embed_texts, inference_encoder, jsonl_lines, write_embeddings
+    from llmkit.io.encoders import read_lines
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
@@ -189,8 +188,8 @@ def embed_cmd(
     check_range("--batch-size", batch_size, 1, integer=True)
     device = check_device(device)
     texts = read_lines(input_file)
-    net, tokenizer = load_encoder(model, device=device)
-    vectors = embed_texts(optimize_for_inference(net), tokenizer, texts, batch_size=batch_size)
+    net, tokenizer = inference_encoder(model, device)
+    vectors = embed_texts(net, tokenizer, texts, batch_size=batch_size)
     if out is None:
         sys.stdout.writelines(jsonl_lines(texts, vectors))
     else:
@@ -267,14 +266,14 @@ def index_cmd(
 ):
     """Chunk documents, embed each chunk, and save a flat inner-product index for `llmkit ask`."""
     from llmkit.apps.retrieval import build_index, read_documents
-    from llmkit.io.encoders import load_encoder
+    from llmkit.infer.embed import inference_encoder
 
     check_output(out, "dir")
     check_range("--chunk-words", chunk_words, 1, integer=True)
     check_range("--overlap", overlap, 0, chunk_words - 1, integer=True)
     check_range("--batch-size", batch_size, 1, integer=True)
     documents = read_documents(docs)
-    net, tokenizer = load_encoder(model)
+    net, tokenizer = inference_encoder(model)  # the engine `embed` runs
     meta = build_index(documents, net, tokenizer, out, model, chunk_words, overlap, batch_size)
     print(f"indexed {meta['documents']} documents as {meta['chunks']} chunks ({meta['dim']} dims) in {out}")
 
@@ -292,21 +291,24 @@ def ask_cmd(
 ):
     """Answer a question from an index: retrieve the top chunks, answer with the chat model, cite them."""
     import json
+    import time
 
     from llmkit.apps.retrieval import Index, answer_prompt, read_questions, recall_at_k
-    from llmkit.infer.embed import embed_texts
-    from llmkit.io.encoders import load_encoder
+    from llmkit.infer.embed import embed_texts, inference_encoder
 
     if (question is None) == (evaluate is None) or k < 1:
         raise LlmkitError("give a QUESTION or --eval QUESTIONS.jsonl (not both), and -k >= 1")
     idx = Index(index)
     name = model or idx.meta["model"]
-    net, tokenizer = load_encoder(name)
+    net, tokenizer = inference_encoder(name)
     idx.check_model(net, name)
     if evaluate:
         print(json.dumps(recall_at_k(idx, net, tokenizer, read_questions(evaluate))))
         return
+    started = time.perf_counter()
     hits = idx.search(embed_texts(net, tokenizer, [question]), k)[0]
+    took = time.perf_counter() - started  # the retrieval: embedding the question + the search
+    print(f"retrieved {len(hits)} of {len(idx.chunks):,} chunks in {took * 1e3:.1f} ms", file=sys.stderr)
     sources = [f"[{n}] {h.doc} #{h.chunk} (score {h.score:.3f})" for n, h in enumerate(hits, 1)]
     if retrieve_only:
         for line, h in zip(sources, hits):
