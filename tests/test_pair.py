@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from appkit import ROOT, booking_texts
-from conftest import run_cli, tiny_encoder_dir, write_jsonl
+from conftest import ROOT, booking_texts, run_cli, tiny_encoder_dir, write_jsonl
 from llmkit.errors import LlmkitError
 from llmkit.train.pair import read_pair_examples
 

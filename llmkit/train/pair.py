@@ -94,7 +94,7 @@ def finetune_pair(base: str, train_path, out_dir, val_path=None, config: Finetun
         warn, first[0] = first[0], False
         return score("classify", val, predict_pairs(model, tokenizer, val, warn=warn)) if val else {}
 
-    metrics = fit(model, len(features), batch, cfg, evaluate, log)
+    metrics = fit(model, len(features), batch, cfg, out_dir, evaluate, log)
     save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
     return metrics
 
