@@ -87,8 +87,15 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (decoders and encoders keep them in `.blocks`)."""
-    return list(getattr(model, "blocks", ()))
+    """The repeated units FSDP shards one by one and activation checkpointing recomputes: decoders'
+    and encoders' `.blocks`; a seq2seq model's encoder layers and, per decoder layer, its self-attention
+    and feed-forward. Its cross-attention projects the encoder output outside the layer's forward
+    (`Seq2Seq.new_cache`), where a per-layer unit would still be sharded, so it stays with the root."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    if hasattr(model, "encoder") and hasattr(model, "decoder"):
+        return [*model.encoder, *(part for layer in model.decoder for part in (layer.self_attn, layer.mlp))]
+    return []
 
 
 def checkpoint_activations(model: torch.nn.Module) -> None:

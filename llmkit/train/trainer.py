@@ -359,7 +359,7 @@ class Trainer:
             snapshots.begin(self.out_dir, self.step)
         distributed.barrier()
         if self.sharded:
-            sharded.save(stage / sharded.SHARDS, self.raw_model, self.optimizer)
+            self.save_shards(stage / sharded.SHARDS)
             distributed.barrier()
         if self.dist.is_main:
             try:
@@ -369,6 +369,10 @@ class Trainer:
                 raise
             snapshots.commit(self.out_dir, stage)
         distributed.barrier()
+
+    def save_shards(self, directory: Path) -> None:
+        """Collective (strategy=fsdp): every rank writes its shard of the weights and optimizer moments."""
+        sharded.save(directory, self.raw_model, self.optimizer)
 
     def write_checkpoint(self, directory: Path) -> None:
         """Write this step's files into `directory` (rank 0); subclasses add or swap files."""
