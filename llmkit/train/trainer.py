@@ -81,6 +81,8 @@ class Trainer:
             raise LlmkitError(f"batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes")
         if cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)
+        if cfg.strategy == "fsdp" and self.device.type == "cpu":  # before any tensor: FSDP's memory, really freed
+            distributed.return_freed_buffers_to_os()
         self.out_dir = Path(cfg.out_dir)
         self.data_dir = Path(cfg.data_dir)
         if cfg.init_from and type(self).build_model is not Trainer.build_model:
