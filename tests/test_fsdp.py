@@ -138,7 +138,7 @@ def seq2seq_config(data, out, **kw) -> TrainConfig:
 @pytest.mark.slow
 def test_fsdp_trains_lora_sft_full_sft_and_seq2seq_like_ddp(tmp_path, monkeypatch, capsys):
     tok = tiny_tokenizer()
-    base = str(tiny_model_dir(tmp_path / "base", tok))
+    base = str(tiny_model_dir(tmp_path / "base", tok, tie_embeddings=True))  # as SmolLM2: a frozen alias too
     # every reply as long as every other: one process's mean over all reply tokens is then the mean of
     # two ranks' means, so the run resumed in one process can follow the two-process one
     chats = write_jsonl(tmp_path / "chats.jsonl", [

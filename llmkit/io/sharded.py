@@ -30,7 +30,14 @@ def _states(model, optimizer, frozen: bool):
     # not strict without them: load_state_dict would call the left-out frozen weights missing
     options = sd.StateDictOptions(ignore_frozen_params=not frozen, strict=frozen)
     model_state, optim_state = sd.get_state_dict(model, optimizer, options=options)
-    return {"model": model_state, "optimizer": optim_state}, options
+    return {"model": model_state if frozen else _trainable_only(model, model_state),
+            "optimizer": optim_state}, options
+
+
+def _trainable_only(model, state: dict) -> dict:
+    """DCP drops a frozen tied weight under its first name only (embed.weight), not its alias (lm_head.weight)."""
+    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
 
 
 def save(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer, frozen: bool = True) -> None:
@@ -56,7 +63,7 @@ def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the trainable parameters whole, on the CPU of rank 0 (empty elsewhere)."""
     _, sd = _dcp()
     options = sd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return sd.get_model_state_dict(model, options=options)
+    return _trainable_only(model, sd.get_model_state_dict(model, options=options))
 
 
 def load_weights(directory, model: torch.nn.Module) -> None:
