@@ -41,6 +41,25 @@ def test_matvec_equals_linear(dtype, out_features, in_features, two_threads):
             torch.testing.assert_close(got.double(), exact, rtol=tolerance, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_of_a_few_rows_is_each_row_alone(rows, dtype, two_threads):
+    """Beam search's beams (and a server's few rows) share one pass over the weights; every row's
+    result is bit for bit what it gives alone, and F.linear's up to the accumulation order."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(960, 576).to(dtype), torch.randn(960).to(dtype)
+    x = torch.randn(rows, 1, 576).to(dtype)  # (beams, one new token, features)
+    with torch.no_grad():
+        got = kernels.matvec(x, weight, bias)
+        assert got.shape == (rows, 1, 960) and kernels.matvec_applies(x, weight)
+        for r in range(rows):
+            assert torch.equal(got[r], kernels.matvec(x[r].clone(), weight, bias))
+        tolerance = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]
+        torch.testing.assert_close(got.double(), F.linear(x.double(), weight.double(), bias.double()),
+                                   rtol=tolerance, atol=1e-4)
+        assert not kernels.matvec_applies(torch.randn(kernels.MATVEC_ROWS + 1, 576).to(dtype), weight)
+
+
 @pytest.mark.parametrize("B, H, K, D, S", [(2, 9, 3, 64, 20), (1, 4, 4, 16, 5), (1, 8, 2, 128, 603),
                                            (3, 6, 6, 64, 1), (1, 2, 1, 80, 77), (1, 12, 4, 96, 9)])
 def test_decode_attention_equals_sdpa(B, H, K, D, S, two_threads):

@@ -127,6 +127,30 @@ def test_refusals_are_one_line(pairs_dir, tmp_path):
         Seq2SeqTrainer(config(plain, tmp_path / "d"))
 
 
+def test_long_source_is_refused_by_generate_and_eval(pairs_dir, tmp_path):
+    """A source longer than the encoder's context is refused in one line naming it, never truncated
+    (training refuses such pairs the same way, above)."""
+    from llmkit.io.checkpoint import save_checkpoint
+    from llmkit.model.seq2seq import Seq2Seq, seq2seq_preset
+
+    tok = Tokenizer.load(pairs_dir / "tokenizer.json")
+    model = Seq2Seq(seq2seq_preset("seq2seq-tiny", vocab_size=tok.vocab_size, block_size=6, n_layer=1, n_embd=32,
+                                   n_head=2, intermediate_size=64, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                                   decoder_start_id=tok.bos_id))
+    save_checkpoint(tmp_path / "m", model, tok)
+    long = " ".join(EN)  # ten words: more than 6 tokens with the end token
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"prompt": "one", "reference": "un"}) + "\n"
+                                        + json.dumps({"prompt": long, "reference": "x"}) + "\n")
+    for args in (["generate", "--model", str(tmp_path / "m"), long, "--max-new-tokens", "3"],
+                 ["eval", "--model", str(tmp_path / "m"), "--gen", str(tmp_path / "gen.jsonl"), "--max-new-tokens", "3"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0 and isinstance(result.exception, LlmkitError), result.output
+        message = str(result.exception)
+        assert "more than the encoder's context of 6" in message and "\n" not in message
+    result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "m"), "one two", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+
+
 def test_fine_tunes_an_imported_model_and_translates(pairs_dir, tmp_path):
     """Train from scratch long enough to learn the toy mapping, export to HF Marian, fine-tune that
     directory further through --model, and translate with greedy and beam search."""

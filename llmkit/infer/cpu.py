@@ -4,8 +4,9 @@
 
 The model in llmkit/model/ is plain PyTorch. `optimize_for_inference` walks it and replaces modules
 by type with subclasses that take a faster route where one applies and otherwise run the plain math:
-  nn.Linear            -> CpuLinear: one-row products through the C++ matrix-vector kernel (it streams
-                          the weight ~1.4x faster than PyTorch's); bf16/fp16 products of >= 8 rows as
+  nn.Linear            -> CpuLinear: products of 1-4 rows (one decoding step, beam search's beams)
+                          through the C++ matrix-vector kernel (it streams the weight ~1.4x faster than
+                          PyTorch's, once for all the rows); bf16/fp16 products of >= 8 rows as
                           fp32 GEMMs where the CPU has no native half-precision matmul
   RMSNorm              -> CpuRMSNorm: the C++ kernel (its eight small ops cost as much as a matvec)
   CausalSelfAttention  -> CpuAttention: the C++ kernel for one query per row, batched matmuls for

@@ -2,10 +2,12 @@
 // cached keys per layer, and otherwise runs ops on single rows that cost more in dispatch than in
 // arithmetic. Built on first use by llmkit/kernels.py (x86-64 with AVX2, FMA and F16C).
 //
-//   llmkit::matvec(x, weight, bias?)   x (..., in) holding one row, weight (out, in) row-major:
-//       y = weight @ x + bias, accumulated in fp32, returned in x's dtype (fp32, bf16 or fp16).
+//   llmkit::matvec(x, weight, bias?)   x (..., in) holding a few rows, weight (out, in) row-major:
+//       y = x @ weight^T + bias, accumulated in fp32, returned in x's dtype (fp32, bf16 or fp16).
 //       PyTorch's gemv reads these matrices at ~9-12 GB/s on two AVX2 cores; walking each row once
-//       from start to end, in the order it lies in memory, reads them at ~15-18 GB/s.
+//       from start to end, in the order it lies in memory, reads them at ~15-18 GB/s. With several
+//       rows of x (beam search's beams, a server's few sequences) each weight row is read from memory
+//       once for all of them, where a GEMM of so few rows streams the weights at gemv speed or worse.
 //   llmkit::decode_attention(q, k, v, last_slot?)   q (B, H, 1, D), k/v (B, K, S, D) fp32, H % K == 0:
 //       softmax(q k^T / sqrt(D)) v for one new query per row, over key slots 0..S-1 (or 0..last_slot).
 //       Query head h reads key/value head h / (H / K) (grouped-query attention). SDPA's flash kernel
@@ -70,14 +72,42 @@ float dot(const T* w, const float* x, int64_t n) {
   return sum;
 }
 
+// dot() for two rows of x at once (x0, x1): the weight is loaded once for both, and each row's sum
+// runs in dot()'s exact order, so a row's result does not depend on the rows beside it.
+template <typename T>
+void dot2(const T* w, const float* x0, const float* x1, int64_t n, float* out) {
+  __m256 a[2][4];
+  for (auto& row : a)
+    for (auto& acc : row) acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wj = load8(w + i + 8 * j);
+      a[0][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(x0 + i + 8 * j), a[0][j]);
+      a[1][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(x1 + i + 8 * j), a[1][j]);
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 w0 = load8(w + i);
+    a[0][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + i), a[0][0]);
+    a[1][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + i), a[1][0]);
+  }
+  const float* xs[2] = {x0, x1};
+  for (int m = 0; m < 2; ++m) {
+    float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a[m][0], a[m][1]), _mm256_add_ps(a[m][2], a[m][3])));
+    for (int64_t k = i; k < n; ++k) sum += static_cast<float>(w[k]) * xs[m][k];
+    out[m] = sum;
+  }
+}
+
 template <typename T>
 void matvec_rows(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                  at::Tensor& y) {
-  const int64_t out = weight.size(0), in = weight.size(1);
-  std::vector<float> x32(in);  // x in fp32, read by every row
+  const int64_t out = weight.size(0), in = weight.size(1), rows = x.numel() / in;
+  std::vector<float> x32(rows * in);  // x in fp32, read by every weight row
   const T* xt = x.data_ptr<T>();
-  const int64_t x_stride = x.stride(-1);
-  for (int64_t i = 0; i < in; ++i) x32[i] = static_cast<float>(xt[i * x_stride]);
+  const int64_t x_stride = x.stride(-1);  // one row may be strided; several are contiguous
+  for (int64_t i = 0; i < rows * in; ++i) x32[i] = static_cast<float>(xt[rows > 1 ? i : i * x_stride]);
   const float* xs = x32.data();
   const T* w = weight.data_ptr<T>();
   const T* b = bias ? bias->data_ptr<T>() : nullptr;
@@ -85,18 +115,28 @@ void matvec_rows(const at::Tensor& x, const at::Tensor& weight, const std::optio
   // Split rows between threads only in chunks worth a fork/join (~64K weights each).
   const int64_t grain = std::max<int64_t>(1, 65536 / in);
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+    float sums[2];
     for (int64_t r = begin; r < end; ++r) {
-      float acc = dot(w + r * in, xs, in);
-      if (b) acc += static_cast<float>(b[r]);
-      ys[r] = static_cast<T>(acc);
+      const T* wr = w + r * in;  // read from memory for the first pair of rows, from L1 for the rest
+      const float bias_r = b ? static_cast<float>(b[r]) : 0.0f;
+      for (int64_t m = 0; m < rows; m += 2) {
+        if (m + 1 < rows) {
+          dot2(wr, xs + m * in, xs + (m + 1) * in, in, sums);
+          ys[(m + 1) * out + r] = static_cast<T>(b ? sums[1] + bias_r : sums[1]);
+        } else {
+          sums[0] = dot(wr, xs + m * in, in);
+        }
+        ys[m * out + r] = static_cast<T>(b ? sums[0] + bias_r : sums[0]);
+      }
     }
   });
 }
 
-at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor matvec(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "matvec: weight must be a row-major matrix");
-  TORCH_CHECK(x.size(-1) == weight.size(1) && x.numel() == x.size(-1), "matvec: x must be one row of ",
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == weight.size(1) && x_in.numel() > 0, "matvec: x must be rows of ",
               weight.size(1), " values");
+  const at::Tensor x = x_in.numel() == x_in.size(-1) ? x_in : x_in.contiguous();
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "matvec: x and weight dtypes differ");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->numel() == weight.size(0) &&
                         bias->scalar_type() == weight.scalar_type()), "matvec: bad bias");

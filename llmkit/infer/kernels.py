@@ -9,8 +9,8 @@
 Decoding one token reads every weight once, so its speed is how fast the matrix-vector products
 stream the weights from memory, plus the cost of many tiny ops on single rows; kernels.cpp says what
 each kernel gains over PyTorch's own. The modules llmkit.infer.cpu swaps into a model at load time
-call them through the `*_applies` checks (CPU, no autograd, supported dtypes and layouts; one row
-for matvec and decode_attention); training runs the plain modules and never sees them. The build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU
+call them through the `*_applies` checks (CPU, no autograd, supported dtypes and layouts; a few rows
+for matvec, one query per row for decode_attention); training runs the plain modules and never sees them. The build needs a C++ compiler (`$CXX`, else c++/g++) and an x86-64 CPU
 with AVX2 and FMA; it takes ~15 s once, then the library is reused from ~/.cache/llmkit (or
 $LLMKIT_CACHE), after checking it against the SHA-256 recorded when it was built (a changed file
 is rebuilt) and that no other user can write to that folder. Where it cannot be built,
@@ -134,14 +134,20 @@ def available() -> bool:
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# Up to this many rows (beam search's beams, a server's few sequences) read each weight once in
+# `matvec`; more rows are a GEMM, where PyTorch's blocked kernels reuse the weights better.
+MATVEC_ROWS = 4
+
+
 def matvec_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x @ weight.T is a one-row inference product that `matvec` computes."""
-    return (x.device.type == "cpu" and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+    """Whether x @ weight.T is an inference product of at most MATVEC_ROWS rows that `matvec` computes."""
+    return (x.device.type == "cpu" and x.numel() <= MATVEC_ROWS * x.shape[-1] and not torch.is_grad_enabled()
             and x.dtype == weight.dtype and x.dtype in DTYPES and weight.is_contiguous() and available())
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x holding one row; fp32 accumulation, x's dtype out."""
+    """F.linear(x, weight, bias) for x holding a few rows; fp32 accumulation, x's dtype out. Each
+    row's result is what it would be alone (the same sums in the same order)."""
     return torch.ops.llmkit.matvec(x, weight, bias)
 
 
