@@ -279,6 +279,8 @@ class Engine:
             for i, token in zip(rows, picked.tolist()):
                 tokens[i] = token
         for i, seq in enumerate(seqs):
+            if seq.constraint is not None:  # a JSON reply must close within max_tokens (structured.py)
+                tokens[i] = seq.constraint.fit(tokens[i], seq.params.max_new_tokens - seq.generated)
             if seq.params.logprobs is not None:
                 seq.scored = token_logprobs(raw[i], tokens[i], seq.params.logprobs)
         return tokens
@@ -290,6 +292,8 @@ class Engine:
             seq.constraint.advance(token)
         text = seq.completion.push(token, last=seq.generated >= seq.params.max_new_tokens)
         finish = seq.completion.finish_reason
+        if finish and seq.constraint is not None and seq.constraint.cut:
+            finish = "length"  # valid JSON, but closed early: the reply ran out of tokens
         seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
         if finish:
             self._free(seq)

@@ -67,12 +67,6 @@ class SamplingFields(Strict):
                                                       "not streamed); `n` <= num_beams returns the n best")
 
 
-class CompletionRequest(SamplingFields):
-    prompt: Prompt = Field(..., description="text, texts, token ids, or lists of token ids")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many top tokens")
-    echo: bool = Field(False, description="put the prompt before the completion (with logprobs: score it)")
-
-
 class TextPart(Strict):
     type: Literal["text"]
     text: Text
@@ -129,6 +123,13 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt = Field(..., description="text, texts, token ids, or lists of token ids")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many top tokens")
+    echo: bool = Field(False, description="put the prompt before the completion (with logprobs: score it)")
+    response_format: ResponseFormat | None = Field(None, description="extension (as vLLM): JSON output, as in chat")
 
 
 class ChatRequest(SamplingFields):
