@@ -1,8 +1,9 @@
 """Time to first token of each turn of a multi-turn chat, with the engine's prefix reuse and without.
 
 A chat resends the whole conversation every turn; the engine keeps the keys/values of the last
-prompt (serve/prefill.py) and recomputes only what follows the shared prefix. "without" drops
-that kept prompt before each turn, so every prompt is computed from scratch. Both sides run the
+prompt and of finished replies with their prompts (serve/prefill.py) and recomputes only what
+follows the longest shared prefix. "without" drops everything kept before each turn, so every
+prompt is computed from scratch. "reused" counts the prompt tokens of a turn that were copied. Both sides run the
 same engine on the same model in this process, one request at a time, greedy, with fixed replies
 (ignore_eos) so the prompts are the same.
 
@@ -12,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from llmkit.infer.generate import SamplingParams
 from llmkit.io.resolve import resolve_model
 from llmkit.serve.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_isas, cpu_name  # noqa: E402
 
 SYSTEM = ("You are a careful assistant for a gardening shop. Answer briefly, name plants by their common and "
           "Latin names, mention watering and light needs, warn about plants that are toxic to cats or dogs, "
@@ -43,16 +49,17 @@ async def turn_ttft(engine, prompt: list[int], reply_tokens: int) -> tuple[float
     return first, "".join(text)
 
 
-async def chat(engine, tok, turns: int, reply_tokens: int, reuse: bool) -> list[tuple[int, float]]:
+async def chat(engine, tok, turns: int, reply_tokens: int, reuse: bool) -> list[tuple[int, float, int]]:
     messages, out = [{"role": "system", "content": SYSTEM}], []
     for q in QUESTIONS[:turns]:
         messages.append({"role": "user", "content": q})
         prompt = tok.encode(tok.apply_chat_template(messages))
         if not reuse:
-            engine._prefiller.reset()  # forget the kept prompt: this turn is computed from scratch
+            engine._prefiller.reset()  # forget what is kept: this turn is computed from scratch
+        before = engine._prefiller.reused_tokens
         ttft, reply = await turn_ttft(engine, prompt, reply_tokens)
         messages.append({"role": "assistant", "content": reply})
-        out.append((len(prompt), ttft))
+        out.append((len(prompt), ttft, engine._prefiller.reused_tokens - before))
     return out
 
 
@@ -67,11 +74,12 @@ async def main_async(args):
             rows[reuse] = await chat(engine, tok, args.turns, args.reply_tokens, reuse)
     finally:
         engine.stop()
-    print(f"CPU: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}; "
-          f"model {args.model}; one request at a time")
-    print(f"{'turn':>4} {'prompt tokens':>14} {'TTFT without (s)':>17} {'TTFT with reuse (s)':>20} {'speed-up':>9}")
-    for i, ((n, without), (_, with_)) in enumerate(zip(rows[False], rows[True]), 1):
-        print(f"{i:>4} {n:>14} {without:>17.3f} {with_:>20.3f} {without / with_:>8.1f}x")
+    print(f"{cpu_name()}; {' '.join(cpu_isas())}; torch threads {torch.get_num_threads()}; load average "
+          f"{os.getloadavg()[0]:.2f}; model {args.model}; one request at a time")
+    print("| turn | prompt tokens | reused | TTFT without (s) | TTFT with reuse (s) | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for i, ((n, without, _), (_, with_, reused)) in enumerate(zip(rows[False], rows[True]), 1):
+        print(f"| {i} | {n} | {reused} | {without:.3f} | {with_:.3f} | {without / with_:.1f}x |")
 
 
 def main():

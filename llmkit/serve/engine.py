@@ -2,9 +2,10 @@
 
 One thread owns the model. Between two decode steps it drops sequences whose client
 left or whose time ran out, admits waiting ones into free rows of the KV cache (prefill.py
-computes their prompts' keys/values, which are copied into those rows), then advances every
-active row by one token with llmkit.infer.generate's Decoder.step: each row of the cache keeps its
-own length, so rows of any age decode together. Sampling and text (stop strings, stop tokens,
+computes their prompts' keys/values, which are copied into those rows, reusing those of earlier
+prompts and replies that start the same way), then advances every active row by one token with
+llmkit.infer.generate's Decoder.step: each row of the cache keeps its own length, so rows of any
+age decode together. Sampling and text (stop strings, stop tokens,
 incremental detokenization) are llmkit.infer.generate's too.
 """
 from __future__ import annotations
@@ -296,6 +297,9 @@ class Engine:
             finish = "length"  # valid JSON, but closed early: the reply ran out of tokens
         seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
         if finish:
+            # prompt and reply: the next turn of this chat starts with them (the last token never ran)
+            done = self.decoder.cache.lengths[seq.row]
+            self._prefiller.keep((seq.prompt + seq.output)[:done], self.decoder.cache, seq.row)
             self._free(seq)
         else:
             seq.pending = token
