@@ -296,11 +296,12 @@ class Engine:
         finish = seq.completion.finish_reason
         if finish and seq.constraint is not None and seq.constraint.cut:
             finish = "length"  # valid JSON, but closed early: the reply ran out of tokens
-        seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
-        if finish:
+        if finish:  # kept before the client hears of the end: its next turn finds them
             # prompt and reply: the next turn of this chat starts with them (the last token never ran)
             done = self.decoder.cache.lengths[seq.row]
             self._prefiller.keep((seq.prompt + seq.output)[:done], self.decoder.cache, seq.row)
+        seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
+        if finish:
             self._free(seq)
         else:
             seq.pending = token
