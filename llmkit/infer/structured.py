@@ -116,6 +116,12 @@ class Constraint:
         while not matcher.is_accepting():
             if len(path) >= limit:
                 return None
+            forced = matcher.compute_ff_tokens()  # what the grammar allows only one way (a key), as tokens
+            if forced and matcher.try_consume_tokens(forced) == len(forced):
+                path += forced
+                for token in forced:
+                    lexer = self._scan(lexer, token)
+                continue
             token = next((t for t in self.closers[lexer[0]] if matcher.try_consume_tokens([t]) == 1), None)
             if token is None:  # nothing that closes fits here (a minLength, an enum): the lowest allowed token
                 token = self._lowest_allowed(matcher)
@@ -123,7 +129,7 @@ class Constraint:
                     return None
             path.append(token)
             lexer = self._scan(lexer, token)
-        return path
+        return path if len(path) <= limit else None
 
     def _scan(self, lexer: tuple, token: int) -> tuple:
         """The lexer state (inside a string, after a backslash) after the text of `token`."""
