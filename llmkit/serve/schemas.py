@@ -62,7 +62,8 @@ class SamplingFields(Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension: drop tokens below min_p x the top probability")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: CTRL's penalty, 1 = off")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0,  # a tiny one overflows logits / penalty
+                                      description="extension: CTRL's penalty, 1 = off")
     num_beams: int = Field(1, ge=1, le=16, description="extension: beam search with this many beams (deterministic, "
                                                       "not streamed); `n` <= num_beams returns the n best")
 
