@@ -106,6 +106,7 @@ def main():
     url = f"http://127.0.0.1:{args.port}"
     try:
         one_request(url, served, "warm up", 8, True)  # builds the grammar tables once
+        run(url, served, args.clients, 5, args.tokens, 0.5)  # and a few seconds of load: the KV cache's growth
         free = run(url, served, args.clients, args.seconds, args.tokens, 0.0)
         mixed = run(url, served, args.clients, args.seconds, args.tokens, 0.5)
     finally:
