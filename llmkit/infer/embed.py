@@ -16,6 +16,15 @@ from llmkit.utils import atomic_open, atomic_path, progress
 OUTPUT_FORMATS = (".jsonl", ".npy")
 
 
+def inference_encoder(model: str, device: str = "cpu") -> tuple[Encoder, Tokenizer]:
+    """(encoder, tokenizer) as `embed`, `index`, `ask` and the server run it: with the CPU inference routes."""
+    from llmkit.infer.cpu import optimize_for_inference
+    from llmkit.io.encoders import load_encoder
+
+    net, tokenizer = load_encoder(model, device=device)
+    return optimize_for_inference(net), tokenizer
+
+
 @torch.inference_mode()
 def embed_texts(model: Encoder, tokenizer: Tokenizer, texts: list[str], batch_size: int = 32) -> np.ndarray:
     """(N, n_embd) float32 sentence embeddings, in the order of `texts`.
