@@ -77,7 +77,7 @@ async def main_async(args):
     engine = Engine(model, tok, max_batch=4)
     engine.start()
     try:
-        await chat(engine, tok, 2, 4, True)  # warm-up: kernels, allocations
+        await chat(engine, tok, 2, 4, True, 1)  # warm-up: kernels, allocations
         rows = {}
         for reuse in (False, True):
             rows[reuse] = await chat(engine, tok, args.turns, args.reply_tokens, reuse, args.repeats)
