@@ -58,6 +58,8 @@ class Prefiller:
     def __call__(self, prompts: list[list[int]]):
         """(logits (len(prompts), V) of each prompt's last token, sources): prompt i's keys/values
         are the first len(prompts[i]) slots of row sources[i][1] of KV cache sources[i][0]."""
+        if len(prompts) == 1:
+            return self._one(prompts[0])
         shared = min(len(p) for p in prompts) - 1  # each prompt's last token always runs: its logits
         for p in prompts[1:]:
             shared = min(shared, common_prefix(prompts[0], p))
@@ -71,6 +73,18 @@ class Prefiller:
         sources = [(decoder.cache, i) for i in range(len(prompts))]
         self._last = (prompts[-1], sources[-1])
         return logits, sources
+
+    def _one(self, ids: list[int]):
+        """One prompt (a chat's next turn): the kept prefix copied straight into its row, the rest
+        in one forward pass."""
+        decoder = Decoder(self.model, 1, len(ids))
+        reuse, source = self._best(ids[:-1])  # the last token always runs: its logits
+        if reuse >= MIN_SHARED_PREFIX:
+            decoder.cache.copy_row(0, *source, reuse)
+            self.reused_tokens += reuse
+        logits = decoder.prefill([ids[decoder.cache.lengths[0]:]])
+        self._last = (ids, (decoder.cache, 0))
+        return logits, [(decoder.cache, 0)]
 
     def _fill_prefix(self, cache, ids: list[int]) -> None:
         """Keys/values of `ids` into slots 0..len(ids)-1 of every row of `cache`, copied as far as
