@@ -131,10 +131,10 @@ def ten_k_index(path: Path, model, n: int = 10_000) -> Path:
 
 def ask_latency(asks: int) -> None:
     from llmkit.apps.retrieval import Index
-    from llmkit.infer.embed import embed_texts, inference_encoder
+    from llmkit.infer.embed import embed_texts, inference_encoder, single_thread
 
     model, tokenizer = inference_encoder(MODEL)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, single_thread():  # as `ask` embeds its question
         index = Index(ten_k_index(Path(tmp) / "index", model))
         embed_texts(model, tokenizer, QUESTIONS)  # warm-up
         it = iter(range(10**9))

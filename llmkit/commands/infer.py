@@ -296,7 +296,7 @@ def ask_cmd(
     import time
 
     from llmkit.apps.retrieval import Index, answer_prompt, read_questions, recall_at_k
-    from llmkit.infer.embed import embed_texts, inference_encoder
+    from llmkit.infer.embed import embed_texts, inference_encoder, single_thread
 
     if (question is None) == (evaluate is None) or k < 1:
         raise LlmkitError("give a QUESTION or --eval QUESTIONS.jsonl (not both), and -k >= 1")
@@ -308,7 +308,8 @@ def ask_cmd(
         print(json.dumps(recall_at_k(idx, net, tokenizer, read_questions(evaluate))))
         return
     started = time.perf_counter()
-    hits = idx.search(embed_texts(net, tokenizer, [question]), k)[0]
+    with single_thread():
+        hits = idx.search(embed_texts(net, tokenizer, [question]), k)[0]
     took = time.perf_counter() - started  # the retrieval: embedding the question + the search
     print(f"retrieved {len(hits)} of {len(idx.chunks):,} chunks in {took * 1e3:.1f} ms", file=sys.stderr)
     sources = [f"[{n}] {h.doc} #{h.chunk} (score {h.score:.3f})" for n, h in enumerate(hits, 1)]
