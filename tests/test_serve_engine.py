@@ -10,7 +10,7 @@ import torch
 from llmkit.io.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
 from llmkit.infer.sampling import SamplingParams
-from llmkit.infer.generate import generate
+from llmkit.infer.generate import Decoder, generate
 from llmkit.serve.engine import Engine, QueueFull
 from llmkit.serve.prefill import Prefiller
 from conftest import make_tiny_model
@@ -231,3 +231,51 @@ def test_cache_grows_on_demand_and_is_released_when_idle(tiny, monkeypatch):
     assert run(engine, go)[0][1:] == (30, "length")
     assert sizes[0] == 8 and sizes[-1] >= 32 and sizes == sorted(sizes)  # doubled as the sequence grew
     assert engine.decoder is None  # nothing running: the grown cache is given back
+
+
+def test_finished_replies_are_kept_for_the_next_turn(tiny):
+    """The keys/values a reply's decode steps wrote are kept when it ends: a next prompt that repeats
+    prompt and reply copies all of them, and gets the logits it gets computed from scratch."""
+    model, tok = tiny
+    prompt = tok.encode("The king speaks of love")
+    with torch.inference_mode():
+        decoder = Decoder(model, 2, 64)
+        decoder.prefill([tok.encode("Soldiers march"), prompt])  # row 1: a row that is not the first
+        reply = []
+        for _ in range(6):
+            reply.append(7 + len(reply))
+            decoder.step(torch.tensor([5, reply[-1]]))
+        prefiller = Prefiller(model)
+        done = prompt + reply
+        prefiller.keep(done, decoder.cache, 1)
+        follow = done + tok.encode(" and war")
+        logits, _ = prefiller([follow])
+        want = model(torch.tensor([follow]), cache=model.new_cache(1, len(follow)), last_only=True)[0][0, -1]
+    assert prefiller.reused_tokens == len(done)
+    assert torch.allclose(logits[0], want, atol=1e-4)
+
+
+def test_engine_reuses_the_previous_reply(tiny):
+    """A next turn that sends back the prompt and the generated reply reuses both, and decodes as
+    the same prompt computed from scratch."""
+    model, tok = tiny
+    engine = Engine(model, tok, max_batch=2)
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True, logprobs=0)  # logprobs: the ids
+    first = tok.encode("The king speaks of")
+
+    async def go():
+        job = engine.submit([first], params)
+        reply = [(await job.events.get()).logprob[0] for _ in range(10)]
+        before = engine._prefiller.reused_tokens
+        follow = first + reply + tok.encode(" and then")
+        text = (await collect(engine.submit([follow], params)))[0][0]
+        return engine._prefiller.reused_tokens - before, follow, text
+
+    reused, follow, text = run(engine, go)
+    assert reused == len(first) + 9  # the reply's last token never ran: it ended the sequence
+    fresh = Engine(model, tok, max_batch=2)  # nothing kept: the same prompt computed from scratch
+
+    async def again():
+        return (await collect(fresh.submit([follow], params)))[0][0]
+
+    assert run(fresh, again) == text and fresh._prefiller.reused_tokens == 0

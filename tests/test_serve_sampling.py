@@ -1,7 +1,8 @@
 """Sampling and scoring fields of the API through the official `openai` client: logprobs/top_logprobs
 (chat and completions, streamed too), echo with prompt scoring, top_k, min_p, the three penalties, seed,
-stop and n. Log-probabilities are checked against the model's own forward pass; penalties and min-p
-against transformers' logits processors or OpenAI's documented formula on the same logits."""
+stop and n; fields the server does not implement refused by name. Log-probabilities are checked against
+the model's own forward pass; penalties and min-p against transformers' logits processors or OpenAI's
+documented formula on the same logits."""
 from __future__ import annotations
 
 import math
@@ -185,3 +186,16 @@ def test_bad_sampling_fields_name_the_field(served, body, word):
 
 def test_models_report_context_length(client):
     assert client.models.list().data[0].context_length == 256
+
+
+def test_fields_not_implemented_are_refused_by_name_through_the_client(client):
+    """The official client's own parameters that this server does not implement: a 400 naming the field."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for call, kw, field in ((client.completions.create, {"model": "tiny", "prompt": "x", "best_of": 2}, "best_of"),
+                            (client.completions.create, {"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
+                            (client.chat.completions.create, {**chat, "logit_bias": {"5": 1}}, "logit_bias"),
+                            (client.chat.completions.create, {**chat, "parallel_tool_calls": False},
+                             "parallel_tool_calls")):
+        with pytest.raises(openai.BadRequestError) as e:
+            call(**kw)
+        assert f"unknown field '{field}'" in e.value.body["message"] and e.value.body["param"] == field

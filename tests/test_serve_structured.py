@@ -12,6 +12,7 @@ import jsonschema
 import openai
 import pytest
 
+from llmkit.infer.generate import generate
 from llmkit.io.checkpoint import load_checkpoint
 from llmkit.serve import create_app
 from llmkit.serve.engine import Engine
@@ -65,21 +66,42 @@ def test_each_row_follows_its_own_schema(served):
 
 def test_json_object_and_streaming(served):
     client = served[1]
-    # any object: strings are unbounded, so a random model may run out of tokens inside one
-    # ("length", as OpenAI's API too); every reply that ends by itself is a JSON object
-    finished = 0
-    for seed in range(4):
-        choice = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=150, seed=seed,
+    for seed in range(4):  # any object: a random model never closes its strings by itself
+        choice = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=60, seed=seed,
                                                 response_format={"type": "json_object"}).choices[0]
-        assert choice.message.content.startswith("{")
-        if choice.finish_reason == "stop":
-            assert isinstance(json.loads(choice.message.content), dict)
-            finished += 1
-    assert finished
+        assert isinstance(json.loads(choice.message.content), dict)
     chunks = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=120, seed=7, stream=True,
                                             response_format=schema_format(PERSON))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_closes_within_max_tokens(served, tiny_dir):
+    """However small max_tokens, as long as the shortest valid reply fits, the JSON closes in time;
+    a reply closed early says finish_reason "length" (chat, streamed, completions, generate())."""
+    client = served[1]
+    reasons = set()
+    for max_tokens in (2, 9, 45, 60):  # 45: room for the shortest PERSON in this 384-token vocabulary
+        for seed in range(3):
+            fmt = {"type": "json_object"} if max_tokens < 45 else schema_format(PERSON)
+            choice = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=max_tokens, seed=seed,
+                                                    temperature=1.5, response_format=fmt).choices[0]
+            value = json.loads(choice.message.content)
+            if fmt["type"] == "json_schema":
+                jsonschema.validate(value, PERSON)
+            reasons.add(choice.finish_reason)
+    assert reasons == {"stop", "length"}
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, max_tokens=3, seed=1, stream=True,
+                                                 response_format={"type": "json_object"}))
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    # /v1/completions takes response_format too (the official client sends it through extra_body)
+    done = client.completions.create(model="tiny", prompt="A point:", max_tokens=30, seed=2,
+                                     extra_body={"response_format": schema_format(POINT, "point")})
+    jsonschema.validate(json.loads(done.choices[0].text), POINT)
+    model, tok = load_checkpoint(tiny_dir)
+    for n in (16, 20, 40):  # 16: the shortest POINT in this vocabulary
+        jsonschema.validate(json.loads(generate(model, tok, "x", max_new_tokens=n, json_schema=POINT, seed=n)), POINT)
 
 
 @pytest.mark.parametrize("fmt, words", [

@@ -14,7 +14,7 @@ from llmkit.io.checkpoint import load_checkpoint
 from llmkit.serve import create_app, schemas as S
 from llmkit.serve.engine import Engine
 from llmkit.serve.openai_stream import Streamer
-from llmkit.serve.tools import parse_call, plan
+from llmkit.serve.tools import CallStream, parse_call, plan
 from llmkit.tokenizer import Tokenizer
 from conftest import make_tiny_model, server_thread
 
@@ -65,21 +65,45 @@ def test_two_step_conversation_with_a_required_call(served):
 
 
 def test_named_choice_streamed_as_tool_call_deltas(served):
+    """The official client's way: the first delta names the call, the arguments come in pieces as they
+    are generated, and the pieces join to arguments that follow the function's schema."""
     client = served[1]
     stream = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, stream=True, seed=2,
                                             tool_choice={"type": "function", "function": {"name": "get_time"}},
-                                            max_tokens=60)
-    name, arguments, finish = None, "", None
+                                            max_tokens=60, temperature=1.5)
+    deltas, finish = [], None
     for chunk in stream:
         if not chunk.choices:
             continue
-        delta = chunk.choices[0].delta
-        for tc in delta.tool_calls or []:
-            name = tc.function.name or name
-            arguments += tc.function.arguments or ""
+        deltas += chunk.choices[0].delta.tool_calls or []
         finish = chunk.choices[0].finish_reason or finish
-    assert name == "get_time" and finish == "tool_calls"
-    jsonschema.validate(json.loads(arguments), TIME)
+        assert not chunk.choices[0].delta.content
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.function.name == "get_time" and first.function.arguments == ""
+    assert len(rest) > 3 and all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+    assert finish == "tool_calls"
+    jsonschema.validate(json.loads("".join(d.function.arguments for d in rest)), TIME)
+
+
+def test_call_stream_pieces():
+    """tools.CallStream on its own: a constrained call's arguments go out as generated (a "}" that may
+    close the call held back); "auto" streams text at once and holds a reply that may be a call."""
+    tools = [S.ToolDef(**t) for t in TOOLS]
+    required = CallStream(plan(tools, "required"))
+    pieces = ['{"name":"get_t', 'ime","argu', 'ments":{"zo', 'ne":"a}', 'b"}', "}"]
+    out = [required.push(p, final=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    assert out[:2] == [[], []] and out[2][0]["role"] == "assistant"
+    assert out[2][0]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": ""}
+    arguments = [d["tool_calls"][0]["function"]["arguments"] for ds in out for d in ds][1:]
+    assert arguments == ['{"zo', 'ne":"a', '}b"', "}"] and required.finish_reason("stop") == "tool_calls"
+    text = CallStream(plan(tools, "auto"))
+    assert text.push(" It is", False) == [{"role": "assistant", "content": " It is"}]
+    assert text.push(" sunny.", True) == [{"content": " sunny."}] and text.finish_reason("stop") == "stop"
+    held = CallStream(plan(tools, "auto"))
+    call = '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}'
+    assert held.push(call[:30], False) == [] and held.finish_reason("stop") == "stop"
+    last = held.push(call[30:], True)
+    assert last[0]["tool_calls"][0]["function"]["name"] == "get_weather" and held.finish_reason("stop") == "tool_calls"
 
 
 def test_auto_and_none_leave_text_alone(served):

@@ -249,6 +249,9 @@ def _decode_rows(model, tokenizer, prompts: list[str], params: SamplingParams,
                     if not rows[i].done:
                         constraint.apply(logits[i])
                 tokens = sample(logits, params, generator, history)
+                for i, constraint in enumerate(constraints):  # JSON closes within the N steps
+                    if not rows[i].done:
+                        tokens[i] = constraint.fit(int(tokens[i]), N - step)
                 history[torch.arange(B, device=device), lengths + step] = tokens
             if step == 0:  # after the first token: a failing model says only what went wrong
                 say_clamped(model, params.max_new_tokens, N)

@@ -2,9 +2,10 @@
 
 One thread owns the model. Between two decode steps it drops sequences whose client
 left or whose time ran out, admits waiting ones into free rows of the KV cache (prefill.py
-computes their prompts' keys/values, which are copied into those rows), then advances every
-active row by one token with llmkit.infer.generate's Decoder.step: each row of the cache keeps its
-own length, so rows of any age decode together. Sampling and text (stop strings, stop tokens,
+computes their prompts' keys/values, which are copied into those rows, reusing those of earlier
+prompts and replies that start the same way), then advances every active row by one token with
+llmkit.infer.generate's Decoder.step: each row of the cache keeps its own length, so rows of any
+age decode together. Sampling and text (stop strings, stop tokens,
 incremental detokenization) are llmkit.infer.generate's too.
 """
 from __future__ import annotations
@@ -280,6 +281,8 @@ class Engine:
             for i, token in zip(rows, picked.tolist()):
                 tokens[i] = token
         for i, seq in enumerate(seqs):
+            if seq.constraint is not None:  # a JSON reply must close within max_tokens (structured.py)
+                tokens[i] = seq.constraint.fit(tokens[i], seq.params.max_new_tokens - seq.generated)
             if seq.params.logprobs is not None:
                 seq.scored = token_logprobs(raw[i], tokens[i], seq.params.logprobs)
         return tokens
@@ -291,6 +294,12 @@ class Engine:
             seq.constraint.advance(token)
         text = seq.completion.push(token, last=seq.generated >= seq.params.max_new_tokens)
         finish = seq.completion.finish_reason
+        if finish and seq.constraint is not None and seq.constraint.cut:
+            finish = "length"  # valid JSON, but closed early: the reply ran out of tokens
+        if finish:  # kept before the client hears of the end: its next turn finds them
+            # prompt and reply: the next turn of this chat starts with them (the last token never ran)
+            done = self.decoder.cache.lengths[seq.row]
+            self._prefiller.keep((seq.prompt + seq.output)[:done], self.decoder.cache, seq.row)
         seq.job.emit(Event(seq.index, text, token=True, finish=finish, logprob=seq.scored))
         if finish:
             self._free(seq)

@@ -326,9 +326,9 @@ class Streamer:
 
     @staticmethod
     async def _stream_tool_calls(chunks, plan):
-        """With tools, a reply's text is held until it ends: then it goes out as one tool-call delta
-        (and a finish_reason "tool_calls" chunk) if it is a call, else as its text."""
-        held: dict[int, list] = {}
+        """With tools, each choice's chunks become tool-call deltas or text as tools.CallStream decides;
+        a reply that is a call ends with finish_reason "tool_calls"."""
+        replies: dict[int, tools.CallStream] = {}
         try:
             async for sse in chunks:
                 payload = json.loads(sse[6:]) if sse.startswith("data: {") else None
@@ -336,19 +336,14 @@ class Streamer:
                     yield sse
                     continue
                 choice = payload["choices"][0]
-                held.setdefault(choice["index"], []).append(choice["delta"].get("content") or "")
-                if choice["finish_reason"] is None:
-                    continue
-                text = "".join(held.pop(choice["index"]))
-                call = tools.parse_call(text, plan)
-                if call is None:
-                    choice["delta"] = {"role": "assistant", "content": text}
-                    yield _sse(payload)
-                    continue
-                choice["delta"] = {"role": "assistant", "tool_calls": [{"index": 0, **call}]}
-                choice["finish_reason"] = None
-                yield _sse(payload)
-                yield _sse({**payload, "choices": [{**choice, "delta": {}, "finish_reason": "tool_calls"}]})
+                reply = replies.setdefault(choice["index"], tools.CallStream(plan))
+                final = choice["finish_reason"] is not None
+                for delta in reply.push(choice["delta"].get("content") or "", final):
+                    yield _sse({**payload, "choices": [{**choice, "delta": delta, "finish_reason": None}]})
+                    choice["logprobs"] = None  # this token's logprobs went out with its first delta
+                if final:
+                    reason = reply.finish_reason(choice["finish_reason"])
+                    yield _sse({**payload, "choices": [{**choice, "delta": {}, "finish_reason": reason}]})
         finally:
             await chunks.aclose()  # frees the batch rows at once if the client left
 

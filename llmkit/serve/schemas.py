@@ -62,15 +62,10 @@ class SamplingFields(Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension: drop tokens below min_p x the top probability")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: CTRL's penalty, 1 = off")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0,  # a tiny one overflows logits / penalty
+                                      description="extension: CTRL's penalty, 1 = off")
     num_beams: int = Field(1, ge=1, le=16, description="extension: beam search with this many beams (deterministic, "
                                                       "not streamed); `n` <= num_beams returns the n best")
-
-
-class CompletionRequest(SamplingFields):
-    prompt: Prompt = Field(..., description="text, texts, token ids, or lists of token ids")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many top tokens")
-    echo: bool = Field(False, description="put the prompt before the completion (with logprobs: score it)")
 
 
 class TextPart(Strict):
@@ -129,6 +124,13 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt = Field(..., description="text, texts, token ids, or lists of token ids")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of this many top tokens")
+    echo: bool = Field(False, description="put the prompt before the completion (with logprobs: score it)")
+    response_format: ResponseFormat | None = Field(None, description="extension (as vLLM): JSON output, as in chat")
 
 
 class ChatRequest(SamplingFields):
