@@ -192,17 +192,21 @@ def run_llama_cpp(gguf_path, ids, new_tokens, repeats, threads):
     llm.eval(llm.tokenize(b"Hello", add_bos=False))
     load = time.perf_counter() - start
 
+    def last_logits():
+        # llm.scores holds logits only with logits_all=True (which computes them for every prompt token)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
     def prefill():
         llm.reset()
         llm.eval(ids)
-        return llm.scores[llm.n_tokens - 1].copy(), None
+        return last_logits().copy(), None
 
     def decode(logits, _):
         out, tok = [], int(np.argmax(logits))
         for _ in range(new_tokens):
             out.append(tok)
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         return out
     return (*measure(prefill, decode, repeats), load)
 
