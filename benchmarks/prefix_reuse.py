@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from llmkit.infer.generate import SamplingParams
+from llmkit.infer.sampling import SamplingParams
 from llmkit.io.resolve import resolve_model
 from llmkit.serve.engine import Engine
 

@@ -60,7 +60,8 @@ def is_json_answer(reply: str) -> bool:
 
 
 def ask(model, tokenizer, questions: list[str], max_new_tokens: int = 24) -> list[str]:
-    from llmkit.infer.generate import SamplingParams, generate
+    from llmkit.infer.sampling import SamplingParams
+    from llmkit.infer.generate import generate
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
     return generate(model, tokenizer, prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))

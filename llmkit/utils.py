@@ -188,6 +188,19 @@ def check_field_types(instance, what: str) -> None:
             raise LlmkitError(f"{what} {field.name} must be {names}, got {value!r}")
 
 
+def check_state(state: dict, expected: dict, source, what: str = "weights") -> None:
+    """Saved tensors must be exactly the ones a model holds, name for name and shape for shape;
+    the error names `source` and the first differences."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise LlmkitError(f"{source}: {what} do not match the config: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise LlmkitError(f"{source}: {what} do not match the config: {name} has shape "
+                              f"{tuple(tensor.shape)}, the model needs {tuple(expected[name].shape)}")
+
+
 def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", **kwargs):
     """A tqdm bar on stderr for a long job. Shown on a terminal only (logs and pipes stay clean);
     LLMKIT_PROGRESS=1 shows it anyway, LLMKIT_PROGRESS=0 never."""

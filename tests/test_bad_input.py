@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from badinputkit import (edited_copy, hf_dir_with_index, nan_model_dir, tiny_model, tiny_tokenizer, tree,
+from conftest import (edited_copy, hf_dir_with_index, nan_model_dir, fox_model, fox_tokenizer, tree,
                          workspace, write_gguf)
 from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import main
@@ -277,18 +277,18 @@ def test_written_files_follow_the_umask(tmp_path):
     """Files were 0600 (mkstemp's mode) whatever the umask: a shared model dir was unreadable to others."""
     import os
 
-    from badinputkit import TEXT
+    from conftest import FOX_TEXT as TEXT
     from llmkit.data.corpus import prepare
 
     old = os.umask(0o022)
     try:
-        tok = tiny_tokenizer()
-        model_dir = save_checkpoint(tmp_path / "model", tiny_model(tok), tok)
+        tok = fox_tokenizer()
+        model_dir = save_checkpoint(tmp_path / "model", fox_model(tok), tok)
         (tmp_path / "corpus.txt").write_text(TEXT * 20)
         prepare([tmp_path / "corpus.txt"], tmp_path / "data", tok)
         os.umask(0o077)
         (tmp_path / "private").mkdir()
-        save_checkpoint(tmp_path / "private" / "model", tiny_model(tok), tok)
+        save_checkpoint(tmp_path / "private" / "model", fox_model(tok), tok)
     finally:
         os.umask(old)
     for path in [*model_dir.iterdir(), *(tmp_path / "data").iterdir()]:
@@ -321,10 +321,10 @@ def test_chat_with_long_default_replies_on_a_short_context_model():
     """`llmkit chat --model runs/demo/model` failed at once: 256-token replies in a 64-token context.
     Now the reply takes the room left, and old turns are dropped as the conversation grows."""
     from llmkit.infer.chat import ChatSession
-    from llmkit.infer.generate import SamplingParams
+    from llmkit.infer.sampling import SamplingParams
 
-    tok = tiny_tokenizer()
-    session = ChatSession(tiny_model(tok), tok, params=SamplingParams(max_new_tokens=256, temperature=0))
+    tok = fox_tokenizer()
+    session = ChatSession(fox_model(tok), tok, params=SamplingParams(max_new_tokens=256, temperature=0))
     for text in ("the quick brown fox", "to be or not to be", "that is the question"):
         session.reply(text)
     assert len(tok.encode(session.prompt())) <= 64 // 2  # half the context stays free for the reply

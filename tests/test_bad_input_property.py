@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from badinputkit import workspace, write_gguf
+from conftest import workspace, write_gguf
 from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import main
 from llmkit.errors import LlmkitError

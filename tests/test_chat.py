@@ -11,7 +11,7 @@ import torch
 from llmkit.infer.chat import ChatSession, ask, chat_loop
 from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import SamplingParams
+from llmkit.infer.sampling import SamplingParams
 from llmkit.model.decoder import GPT
 from llmkit.tokenizer import Tokenizer
 

@@ -90,7 +90,8 @@ def test_serving_engine_on_cuda_gives_the_cpu_greedy_text(tmp_path):
     from conftest import make_tiny_model
 
     from llmkit.io.checkpoint import load_checkpoint
-    from llmkit.infer.generate import SamplingParams, generate
+    from llmkit.infer.sampling import SamplingParams
+    from llmkit.infer.generate import generate
     from llmkit.serve.engine import Engine
 
     model, tok = load_checkpoint(make_tiny_model(tmp_path / "tiny"))

@@ -5,7 +5,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from appkit import BOOKING_DOMAIN, joint_model
+from conftest import BOOKING_DOMAIN, joint_model
 from conftest import run_cli
 from llmkit.apps.dialog import Dialog
 from llmkit.apps.domain import load_domain

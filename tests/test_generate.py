@@ -10,8 +10,8 @@ from llmkit.io.checkpoint import save_checkpoint
 from llmkit.cli import app
 from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import (Completion, IncrementalDecoder, SamplingParams, apply_repetition_penalty, generate,
-                             sample_next, stream, top_k_filter, top_p_filter)
+from llmkit.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next, top_k_filter, top_p_filter
+from llmkit.infer.generate import Completion, IncrementalDecoder, generate, stream
 from llmkit.model.decoder import GPT
 from llmkit.model.cache import KVCache
 from llmkit.tokenizer import Tokenizer

@@ -313,7 +313,7 @@ def test_checkpoint_with_other_config_or_corrupt_weights_raises(tmp_path, char_t
     save_checkpoint(tmp_path / "other", other, char_tokenizer)
     # config of one model, weights of another
     (tmp_path / "other" / "config.json").write_text((tmp_path / "m" / "config.json").read_text())
-    with pytest.raises(LlmkitError, match="does not match the model config"):
+    with pytest.raises(LlmkitError, match="weights do not match the config"):
         load_checkpoint(tmp_path / "other")
     weights = tmp_path / "m" / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:200])

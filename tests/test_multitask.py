@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from appkit import BOOKING_TEST, BOOKING_TRAIN, joint_model
+from conftest import BOOKING_TEST, BOOKING_TRAIN, joint_model
 from conftest import run_cli
 from llmkit.io.encoders import load_encoder, save_encoder
 from llmkit.errors import LlmkitError

@@ -7,7 +7,8 @@ import pytest
 
 from llmkit.infer.chat import ChatSession
 from llmkit.io.checkpoint import load_checkpoint
-from llmkit.infer.generate import SamplingParams, generate, stream
+from llmkit.infer.sampling import SamplingParams
+from llmkit.infer.generate import generate, stream
 from llmkit.serve import create_app
 from llmkit.serve.engine import Engine
 from conftest import make_tiny_model, server_thread

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from conftest import add_gguf_value  # noqa: E402
 from llmkit.io.checkpoint import save_checkpoint  # noqa: E402
 from llmkit.compress.quantize import gptq_blocks, quantize_command, rtn_blocks  # noqa: E402
 from llmkit.model.config import ModelConfig  # noqa: E402
@@ -123,14 +124,7 @@ def test_bad_inputs_are_one_clear_line(tiny, tmp_path):
     for key, value in g.meta.items():
         if key.startswith("general.architecture") or key.startswith("GGUF."):
             continue
-        if isinstance(value, list):
-            writer.add_array(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint32(key, value)
+        add_gguf_value(writer, key, value)
     for name in g.tensors:
         tensor = g.tensor(name).numpy()
         if name == "blk.0.ffn_down.weight":

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from pydoc_data.topics import topics
 
-from appkit import ROOT
-from conftest import run_cli, tiny_encoder_dir
+from conftest import ROOT, run_cli, tiny_encoder_dir
 from llmkit.apps.retrieval import Index, chunk_words
 from llmkit.io.encoders import load_encoder
 

@@ -9,7 +9,8 @@ import torch
 
 from llmkit.io.checkpoint import load_checkpoint
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import SamplingParams, generate
+from llmkit.infer.sampling import SamplingParams
+from llmkit.infer.generate import generate
 from llmkit.serve.engine import Engine, QueueFull
 from llmkit.serve.prefill import Prefiller
 from conftest import make_tiny_model

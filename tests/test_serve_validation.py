@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from badinputkit import tiny_model, tiny_tokenizer
+from conftest import fox_model, fox_tokenizer
 from llmkit.io.checkpoint import save_checkpoint
 from llmkit.serve import build_app, create_app, served_name
 
@@ -15,8 +15,8 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = tiny_tokenizer()
-    return save_checkpoint(tmp_path_factory.mktemp("runs") / "demo" / "model", tiny_model(tok), tok)
+    tok = fox_tokenizer()
+    return save_checkpoint(tmp_path_factory.mktemp("runs") / "demo" / "model", fox_model(tok), tok)
 
 
 @pytest.fixture(scope="module")

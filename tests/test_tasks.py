@@ -7,7 +7,8 @@ import pytest
 from conftest import intent_data, run_cli, slot_data, tiny_encoder_dir, write_jsonl
 from llmkit.errors import LlmkitError
 from llmkit.eval.metrics import accuracy, bio_spans, entity_scores, macro_f1
-from llmkit.train.tasks import FinetuneConfig, finetune, read_examples
+from llmkit.train.optim import linear_lr
+from llmkit.train.tasks import ExampleSampler, FinetuneConfig, finetune, read_examples
 
 # Stated targets on the held-out split of the synthetic data (a tiny encoder from scratch, a few epochs)
 CLASSIFY_MIN_ACCURACY = 0.90
@@ -76,6 +77,32 @@ def test_classifier_reaches_stated_accuracy(base, tmp_path):
     assert metrics["macro_f1"] >= CLASSIFY_MIN_ACCURACY - 0.05
     saved = json.loads((tmp_path / "clf" / "labels.json").read_text())
     assert saved == {"task": "classify", "labels": ["alarm", "flight", "food", "music", "weather"]}
+    # the Trainer's log: one record per epoch with the task metrics, the train loss falling
+    epochs = [r for r in map(json.loads, (tmp_path / "clf" / "metrics.jsonl").read_text().splitlines()) if "epoch" in r]
+    assert [r["epoch"] for r in epochs] == list(range(1, 7))
+    assert epochs[-1]["accuracy"] == metrics["accuracy"] and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+
+
+def test_example_sampler_epochs_and_ranks():
+    seen = []
+    one = ExampleSampler(10, 4, lambda rows: rows, seed=3)
+    assert one.batches_per_epoch() == 3  # 4 + 4 + a short batch of 2
+    epoch = [one.next_batch()[0] for _ in range(3)]
+    assert sorted(i for b in epoch for i in b) == list(range(10)) and [len(b) for b in epoch] == [4, 4, 2]
+    state = one.state_dict()
+    after = [one.next_batch()[0] for _ in range(4)]
+    again = ExampleSampler(10, 4, lambda rows: rows, seed=3)
+    again.load_state_dict(state)
+    assert [again.next_batch()[0] for _ in range(4)] == after  # resume replays the same batches
+    # two ranks split each global batch; a tail of one example cannot be split and is dropped
+    ranks = [ExampleSampler(9, 4, lambda rows: rows, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0].batches_per_epoch() == 2
+    for _ in range(2):
+        halves = [r.next_batch()[0] for r in ranks]
+        assert len(halves[0]) == len(halves[1]) == 2 and not set(halves[0]) & set(halves[1])
+        seen += halves[0] + halves[1]
+    assert len(set(seen)) == 8
+    assert linear_lr(0, 1.0, 2, 10) == 0.5 and linear_lr(2, 1.0, 2, 10) == 1.0 and linear_lr(10, 1.0, 2, 10) == 0.0
 
 
 def test_tagger_reaches_stated_entity_f1(base, tmp_path):

@@ -43,7 +43,7 @@ class ChatReplier:
     """Rewords the policy's template message with a chat model (greedy, short)."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 60):
-        from llmkit.infer.generate import SamplingParams
+        from llmkit.infer.sampling import SamplingParams
 
         self.model, self.tokenizer = model, tokenizer
         self.params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

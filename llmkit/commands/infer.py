@@ -12,6 +12,7 @@ from llmkit.utils import check_device, check_output, check_range
 
 
 
+# Over 60 lines only through its typer option list (one parameter per flag); the body is short.
 @app.command("generate", epilog=epilog("generate"))
 def generate_cmd(
     prompt: str = typer.Argument(None, help="text to continue (or use --prompt-file)"),
@@ -38,7 +39,8 @@ def generate_cmd(
     json_schema: str = typer.Option(None, "--json-schema", help="JSON schema file: the output is JSON following it"),
 ):
     """Continue a prompt, streaming tokens to stdout; --prompt-file runs a batch and prints each completion."""
-    from llmkit.infer.generate import SamplingParams, generate, stream
+    from llmkit.infer.sampling import SamplingParams
+    from llmkit.infer.generate import generate, stream
     from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
@@ -115,7 +117,7 @@ def chat_cmd(
 ):
     """Chat with a model: streamed replies, multi-turn history, /reset and /exit."""
     from llmkit.infer.chat import ChatSession, chat_loop
-    from llmkit.infer.generate import SamplingParams
+    from llmkit.infer.sampling import SamplingParams
     from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 

@@ -63,6 +63,8 @@ def train(
         from llmkit.train.encoder import EncoderTrainer
 
         trainer = EncoderTrainer(config, model=base_model, resume=resume)
+    elif config.objective == "heads":
+        raise LlmkitError("objective 'heads' trains task heads: use `llmkit finetune DATA --task ...`")
     elif base_model is not None:
         raise LlmkitError("--model is for encoder objectives (contrastive); decoders start from --preset")
     else:
@@ -149,6 +151,7 @@ FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
+# Over 60 lines only through its typer option list (one parameter per flag); the body is short.
 @app.command("finetune", epilog=epilog("finetune"))
 def finetune_cmd(
     data: str = typer.Argument(None, help="training data (JSONL; format depends on --task), or --data"),

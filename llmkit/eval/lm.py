@@ -300,7 +300,8 @@ def generation(model, tokenizer, items: list[dict], max_new_tokens: int = 64, ba
     """Greedy (or num_beams beam search) completions (llmkit.infer.generate) scored against the
     references by `text_metrics`. `stop` defaults to a newline for plain prompts; chat replies end at
     the end-of-turn token. Encoder-decoder models read each prompt as the source."""
-    from llmkit.infer.generate import SamplingParams, generate
+    from llmkit.infer.sampling import SamplingParams
+    from llmkit.infer.generate import generate
 
     stop = tuple(stop) if stop is not None else (() if chat else ("\n",))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)

@@ -93,7 +93,8 @@ class LlmkitLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, if the task asks) completions, cut at the task's `until` strings."""
-        from llmkit.infer.generate import SamplingParams, generate
+        from llmkit.infer.sampling import SamplingParams
+        from llmkit.infer.generate import generate
 
         out = []
         for request in requests:

@@ -89,7 +89,7 @@ def beam_search(first_logits: torch.Tensor, step: Callable[[torch.Tensor, torch.
     has a single previous row (the prompt's), which `parents` then duplicates.
     prompt: the ids before the generated ones (what no_repeat_ngram_size also looks at).
     repetition_penalty: CTRL's penalty over each beam's prompt + output, on the log-probabilities (as HF)."""
-    from llmkit.infer.generate import apply_repetition_penalty
+    from llmkit.infer.sampling import apply_repetition_penalty
 
     nb, N, lp = params.num_beams, params.max_new_tokens, float(params.length_penalty)
     device = first_logits.device

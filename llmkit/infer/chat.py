@@ -10,7 +10,8 @@ import sys
 from collections.abc import Iterator
 
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import SamplingParams, stream
+from llmkit.infer.sampling import SamplingParams
+from llmkit.infer.generate import stream
 
 # SmolLM2's model card samples at temperature 0.2, top-p 0.9; small models ramble when hotter.
 DEFAULT_CHAT_PARAMS = dict(max_new_tokens=256, temperature=0.2, top_p=0.9)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from llmkit.model.config import ModelConfig
 from llmkit.errors import LlmkitError
-from llmkit.utils import atomic_open, atomic_path, read_json
+from llmkit.utils import atomic_open, atomic_path, check_state, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -65,18 +65,9 @@ def load_weights(model: torch.nn.Module, weights_path) -> None:
         raise LlmkitError(f"missing weights file {weights_path}") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise LlmkitError(f"corrupt weights file {weights_path}: {e}") from None
-    expected = model.state_dict()
     if getattr(model.config, "tie_embeddings", False):
         state.setdefault("lm_head.weight", state.get("embed.weight"))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise LlmkitError(f"{weights_path} does not match the model config: "
-                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise LlmkitError(f"{weights_path} does not match the model config: {name} has shape "
-                              f"{tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}")
+    check_state(state, model.state_dict(), weights_path)
     model.load_state_dict(state, strict=True)
 
 

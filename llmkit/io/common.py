@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.model.config import ModelConfig
-from llmkit.errors import LlmkitError
+from llmkit.utils import check_state
 
 
 def fuse_llama_layer(i: int, *, norm1, norm2, q, k, v, o, gate, up, down,
@@ -48,17 +48,8 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], source) -> 
     from llmkit.model.decoder import GPT
 
     model = GPT(config)
-    expected = model.state_dict()
     if config.tie_embeddings and "lm_head.weight" not in state and "embed.weight" in state:
         state = {**state, "lm_head.weight": state["embed.weight"]}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise LlmkitError(f"{source}: weights do not match the config: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise LlmkitError(f"{source}: weights do not match the config: {name} has shape "
-                              f"{tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    check_state(state, model.state_dict(), source)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import LlmkitError
-from llmkit.utils import atomic_open, atomic_path
+from llmkit.utils import atomic_open, atomic_path, check_state
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -210,14 +210,7 @@ def load_adapter_weights(model: nn.Module, path) -> None:
     """Copy saved adapter tensors into a model that already carries adapters of the same layout."""
     path = Path(path)
     state = _read_adapter_weights(path)
-    expected = lora_state_dict(model)
-    if set(state) != set(expected):
-        raise LlmkitError(f"adapter {path} does not fit this model's adapters: "
-                          f"{sorted(set(state) ^ set(expected))[:3]} differ")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise LlmkitError(f"adapter {path}: {key} has shape {tuple(tensor.shape)}, "
-                              f"the model needs {tuple(expected[key].shape)}")
+    check_state(state, lora_state_dict(model), path, "adapter weights")
     modules = lora_modules(model)
     with torch.no_grad():
         for key, tensor in state.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmkit.errors import LlmkitError
 from llmkit.serve.app import create_app
-from llmkit.infer.generate import SamplingParams
+from llmkit.infer.sampling import SamplingParams
 from llmkit.serve.engine import Engine
 
 __all__ = ["Engine", "SamplingParams", "build_app", "create_app", "serve", "served_name"]

@@ -74,6 +74,29 @@ def _validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{where}: {chosen.get('msg', 'invalid value')}", where
 
 
+class Served:
+    """What this server answers for: its model names (a decoder, an embedder, or both) and their cards."""
+
+    def __init__(self, engine, model_name: str, embedding_model: str | None, embeds: bool):
+        self.engine, self.model_name, self.embedding_model = engine, model_name, embedding_model
+        self.names = ([model_name] if engine is not None else []) + ([embedding_model] if embeds else [])
+        self.started = int(time.time())
+
+    def card(self, name: str) -> dict:
+        out = {"id": name, "object": "model", "created": self.started, "owned_by": "llmkit"}
+        if self.engine is not None and name == self.model_name:
+            out["context_length"] = self.engine.context  # prompt + completion tokens one request may use
+        return out
+
+    def check(self, name: str, wanted: str | None, purpose: str) -> None:
+        if name not in self.names:
+            raise ApiError(404, f"model {name!r} is not served here; try one of {self.names}",
+                           "not_found_error", "model_not_found")
+        if name != wanted:
+            raise ApiError(400, f"model {name!r} cannot {purpose}; {wanted!r} can",
+                           "invalid_request_error", "model_not_supported")
+
+
 def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedding_model: str | None = None,
                api_key: str | None = None, max_body_bytes: int = 1 << 20, routes=None,
                cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -84,9 +107,7 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
     if engine is None and embedder is None and routes is None:
         raise LlmkitError("nothing to serve: give a decoder model, an embedding model, or both")
     metrics = Metrics(engine)
-    streamer = Streamer(engine, model_name, metrics) if engine is not None else None
-    models = ([model_name] if engine is not None else []) + ([embedding_model] if embedder else [])
-    started = int(time.time())
+    served = Served(engine, model_name, embedding_model, embedder is not None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -101,7 +122,22 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
     app = FastAPI(title="llmkit", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions, chat and embeddings from an llmkit model.")
     app.state.engine, app.state.metrics = engine, metrics
+    _error_handlers(app)
+    _info_routes(app, served, metrics)
+    if engine is not None:
+        _generation_routes(app, served, Streamer(engine, model_name, metrics))
+    if embedder is not None:
+        _embedding_route(app, served, embedder, metrics)
+    if routes is not None:
+        routes(app)
+    app.openapi = lambda: _openapi(app, served)
+    # Outermost but for Starlette's error middleware: refused requests cost no parsing, all are counted.
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    guard(app, cors_origins=cors_origins, allowed_hosts=allowed_hosts)  # outside the Gate: preflights need no key
+    return app
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
         return _error(exc.status, exc.message, exc.type, exc.code, exc.headers)
@@ -121,19 +157,10 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "internal server error", "server_error", None)
 
-    def card(name: str) -> dict:
-        out = {"id": name, "object": "model", "created": started, "owned_by": "llmkit"}
-        if engine is not None and name == model_name:
-            out["context_length"] = engine.context  # prompt + completion tokens one request may use
-        return out
 
-    def check_model(name: str, wanted: str | None, purpose: str) -> None:
-        if name not in models:
-            raise ApiError(404, f"model {name!r} is not served here; try one of {models}",
-                           "not_found_error", "model_not_found")
-        if name != wanted:
-            raise ApiError(400, f"model {name!r} cannot {purpose}; {wanted!r} can",
-                           "invalid_request_error", "model_not_supported")
+def _info_routes(app: FastAPI, served: Served, metrics: Metrics) -> None:
+    """The chat page, health, Prometheus metrics and the model list."""
+    engine = served.engine
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -144,7 +171,7 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
     @app.get("/health")
     async def health() -> dict:
         busy = {"active": engine.active_count, "queued": engine.queue_depth} if engine is not None else {}
-        return {"status": "ok", "models": models, **busy}
+        return {"status": "ok", "models": served.names, **busy}
 
     @app.get("/metrics", response_class=Response)
     async def prometheus():
@@ -152,66 +179,60 @@ def create_app(engine=None, model_name: str = "llmkit", *, embedder=None, embedd
 
     @app.get("/v1/models", response_model=S.ModelList, responses=ERRORS)
     async def list_models():
-        return JSONResponse({"object": "list", "data": [card(m) for m in models]})
+        return JSONResponse({"object": "list", "data": [served.card(m) for m in served.names]})
 
     @app.get("/v1/models/{model_id:path}", response_model=S.ModelCard, responses=ERRORS)
     async def get_model(model_id: str):
-        if model_id not in models:
+        if model_id not in served.names:
             raise ApiError(404, f"model {model_id!r} is not served here", "not_found_error", "model_not_found")
-        return JSONResponse(card(model_id))
+        return JSONResponse(served.card(model_id))
 
-    if streamer is not None:
-        @app.post("/v1/completions", response_model=S.CompletionResponse, responses=ERRORS)
-        async def completions(body: S.CompletionRequest, request: Request):
-            check_model(body.model, model_name, "generate text")
-            prompts = await run_in_threadpool(streamer.completion_prompts, body.prompt)
-            return await streamer.respond(request, body, prompts, chat=False)
 
-        @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=ERRORS)
-        async def chat_completions(body: S.ChatRequest, request: Request):
-            check_model(body.model, model_name, "generate text")
-            plan = streamer.tool_plan(body)
-            prompt = await run_in_threadpool(streamer.chat_prompt, body.messages, plan)
-            return await streamer.respond(request, body, [prompt], chat=True, plan=plan)
+def _generation_routes(app: FastAPI, served: Served, streamer: Streamer) -> None:
+    @app.post("/v1/completions", response_model=S.CompletionResponse, responses=ERRORS)
+    async def completions(body: S.CompletionRequest, request: Request):
+        served.check(body.model, served.model_name, "generate text")
+        prompts = await run_in_threadpool(streamer.completion_prompts, body.prompt)
+        return await streamer.respond(request, body, prompts, chat=False)
 
-    if embedder is not None:
-        @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERRORS)
-        async def embeddings(body: S.EmbeddingRequest):
-            check_model(body.model, embedding_model, "embed text")
-            texts = [body.input] if isinstance(body.input, str) else body.input
-            try:
-                vectors, n_tokens = await run_in_threadpool(embedder, texts)
-            except LlmkitError as e:
-                raise ApiError(400, str(e), "invalid_request_error", "invalid_value") from None
-            vectors = np.asarray(vectors, dtype=np.float32)
-            if body.encoding_format == "base64":  # what the official client asks for by default
-                data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-            else:
-                data = vectors.tolist()
-            metrics.prompt_tokens.inc(n_tokens)
-            return JSONResponse({
-                "object": "list", "model": body.model,
-                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
-            })
+    @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=ERRORS)
+    async def chat_completions(body: S.ChatRequest, request: Request):
+        served.check(body.model, served.model_name, "generate text")
+        plan = streamer.tool_plan(body)
+        prompt = await run_in_threadpool(streamer.chat_prompt, body.messages, plan)
+        return await streamer.respond(request, body, [prompt], chat=True, plan=plan)
 
-    if routes is not None:
-        routes(app)
 
-    def openapi() -> dict:
-        """FastAPI's schema, plus the served model names as the `model` field's enum (documentation:
-        the handlers still answer an unknown name with OpenAI's 404 model_not_found)."""
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            names = {"CompletionRequest": [model_name], "ChatRequest": [model_name],
-                     "EmbeddingRequest": [embedding_model]}
-            for request_schema, served in names.items():
-                if request_schema in schema["components"]["schemas"]:
-                    schema["components"]["schemas"][request_schema]["properties"]["model"]["enum"] = served
-        return app.openapi_schema
+def _embedding_route(app: FastAPI, served: Served, embedder, metrics: Metrics) -> None:
+    @app.post("/v1/embeddings", response_model=S.EmbeddingResponse, responses=ERRORS)
+    async def embeddings(body: S.EmbeddingRequest):
+        served.check(body.model, served.embedding_model, "embed text")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        try:
+            vectors, n_tokens = await run_in_threadpool(embedder, texts)
+        except LlmkitError as e:
+            raise ApiError(400, str(e), "invalid_request_error", "invalid_value") from None
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if body.encoding_format == "base64":  # what the official client asks for by default
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = vectors.tolist()
+        metrics.prompt_tokens.inc(n_tokens)
+        return JSONResponse({
+            "object": "list", "model": body.model,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        })
 
-    app.openapi = openapi
-    # Outermost but for Starlette's error middleware: refused requests cost no parsing, all are counted.
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
-    guard(app, cors_origins=cors_origins, allowed_hosts=allowed_hosts)  # outside the Gate: preflights need no key
-    return app
+
+def _openapi(app: FastAPI, served: Served) -> dict:
+    """FastAPI's schema, plus the served model names as the `model` field's enum (documentation:
+    the handlers still answer an unknown name with OpenAI's 404 model_not_found)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        names = {"CompletionRequest": [served.model_name], "ChatRequest": [served.model_name],
+                 "EmbeddingRequest": [served.embedding_model]}
+        for request_schema, models in names.items():
+            if request_schema in schema["components"]["schemas"]:
+                schema["components"]["schemas"][request_schema]["properties"]["model"]["enum"] = models
+    return app.openapi_schema

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import Completion, Decoder, SamplingParams, sample
+from llmkit.infer.sampling import SamplingParams, sample
+from llmkit.infer.generate import Completion, Decoder
 from llmkit.infer.cpu import optimize_for_inference
 from llmkit.infer.logprobs import token_logprobs
 from llmkit.serve.prefill import Prefiller
@@ -264,7 +265,7 @@ class Engine:
             self._accept(seq, token)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """generate.sample over rows that share settings and a generator, in one call per group."""
+        """infer.sampling.sample over rows that share settings and a generator, in one call per group."""
         groups: dict = {}
         for i, seq in enumerate(seqs):
             p = seq.params

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from llmkit.errors import LlmkitError
-from llmkit.infer.generate import SamplingParams
+from llmkit.infer.sampling import SamplingParams
 from llmkit.infer.logprobs import chat_entries, completion_logprobs, score_prompt
 from llmkit.infer.structured import grammar_tokenizer, json_grammar
 from llmkit.serve import schemas as S

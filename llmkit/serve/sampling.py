@@ -2,7 +2,7 @@
 frequency penalties, min-p and a JSON grammar, each row with its own request's settings, history
 and grammar state.
 
-Order as vLLM's: penalties on the raw logits, then (in generate.sample_next) temperature,
+Order as vLLM's: penalties on the raw logits, then (in infer.sampling.sample_next) temperature,
 top-k and top-p; min-p here compares probabilities after temperature, so it is applied as the
 equivalent logit threshold max + T * log(min_p).
 """
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from llmkit.infer.generate import apply_repetition_penalty
+from llmkit.infer.sampling import apply_repetition_penalty
 from llmkit.infer.structured import Constraint
 
 

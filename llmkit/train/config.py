@@ -37,6 +37,7 @@ class TrainConfig:
     warmup_steps: int | None = None    # None: max_steps // 20 (100 for the default 2000 steps)
     lr_decay_steps: int | None = None  # cosine reaches min_lr here and stays there; None: max_steps
     lr_schedule: str = "cosine"        # cosine | inverse_sqrt (Vaswani et al.: warmup, then lr * sqrt(warmup / step))
+                                       # | linear (BERT fine-tuning: warmup, then linear decay to 0 at lr_decay_steps)
     label_smoothing: float = 0.0       # seq2seq: the paper uses 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -71,7 +72,8 @@ class TrainConfig:
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} (float32, bfloat16, float16)"),
             (self.preset in PRESETS or self.preset in ENCODER_PRESETS or self.preset in SEQ2SEQ_PRESETS,
              f"preset {self.preset!r}; choose from {', '.join([*PRESETS, *ENCODER_PRESETS, *SEQ2SEQ_PRESETS])}"),
-            (self.lr_schedule in ("cosine", "inverse_sqrt"), f"lr_schedule {self.lr_schedule!r} (cosine, inverse_sqrt)"),
+            (self.lr_schedule in ("cosine", "inverse_sqrt", "linear"),
+             f"lr_schedule {self.lr_schedule!r} (cosine, inverse_sqrt, linear)"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (min(self.batch_size, self.block_size, self.grad_accum) > 0,
              "batch_size, block_size and grad_accum must be positive"),

@@ -88,7 +88,7 @@ def finetune_intent_slots(base: str, train_path, out_dir, val_path=None, config:
         warn, first[0] = first[0], False
         return score_joint(val, predict_joint(model, tokenizer, [e for e, _ in val], warn=warn)) if val else {}
 
-    metrics = fit(model, len(features), batch, cfg, evaluate, log)
+    metrics = fit(model, len(features), batch, cfg, out_dir, evaluate, log)
     save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
     return metrics
 

@@ -74,3 +74,10 @@ def inverse_sqrt_lr(step: int, lr: float, warmup_steps: int) -> float:
     lr * sqrt(warmup_steps / step) (the paper's d_model^-0.5 * min(step^-0.5, step * warmup^-1.5))."""
     step, warmup = step + 1, max(1, warmup_steps)
     return lr * min(step / warmup, (warmup / step) ** 0.5)
+
+
+def linear_lr(step: int, lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """BERT's fine-tuning schedule: linear warmup over `warmup_steps`, then linear decay to 0 at `decay_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * max(0, decay_steps - step) / max(1, decay_steps - warmup_steps)

@@ -35,7 +35,7 @@ def finetune_qa(base: str, train_path, out_dir, val_path=None, config: FinetuneC
     def evaluate():
         return qa_scores(val, predict_answers(model, tokenizer, val, stride)) if val else {}
 
-    metrics = fit(model, len(rows), batch, cfg, evaluate, log)
+    metrics = fit(model, len(rows), batch, cfg, out_dir, evaluate, log)
     save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
     return metrics
 

@@ -7,11 +7,13 @@ Labels are collected from the training file (sorted; "O" first for tags) and sav
 model: in config.json ("task", "labels") and in labels.json. For tagging, each word's tag is put on
 its first sub-word token; the other sub-words are ignored by the loss, and a word's prediction is
 read from its first sub-word.
+
+Training is the Trainer's (TaskTrainer below: the recipe supplies the model, its batches and its
+metrics); the joint intent + slots and the QA recipes (multitask.py, qa.py) use it the same way.
 """
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 from dataclasses import dataclass
@@ -24,7 +26,8 @@ from llmkit.errors import LlmkitError
 from llmkit.eval.metrics import accuracy, entity_scores, macro_f1
 from llmkit.model.encoder import Encoder, with_head
 from llmkit.tokenizer import Tokenizer
-from llmkit.utils import progress
+from llmkit.train import distributed
+from llmkit.train.trainer import Trainer, TrainConfig
 
 FIELDS = {"classify": ("text", "label"), "tag": ("tokens", "tags")}
 
@@ -246,46 +249,117 @@ def finetune(base: str, train_path, out_dir, task: str, val_path=None, config: F
         warn, first[0] = first[0], False
         return evaluate(model, tokenizer, val, warn=warn) if val else {}
 
-    metrics = fit(model, len(features), batch, cfg, evaluate_val, log)
+    metrics = fit(model, len(features), batch, cfg, out_dir, evaluate_val, log)
     save_encoder(out_dir, model.eval(), tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
     return metrics
 
 
 def _to(value, device):
+    if value is None:
+        return None
     return {k: _to(v, device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
 
 
-def fit(model: torch.nn.Module, n_examples: int, batch, cfg: FinetuneConfig, evaluate=None, log=print) -> dict:
-    """The fine-tuning loop of every encoder task recipe: AdamW, linear warmup then linear decay to zero,
-    clipping at 1. `batch(indices)` gives the model's keyword arguments (targets included: its forward
-    returns (output, loss)). Returns the last epoch's {"epoch", "train_loss", **evaluate()}."""
-    from llmkit.train.optim import build_adamw, set_lr
+class ExampleSampler:
+    """Shuffled epochs over example indices, `batch_size` at a time (an epoch's last batch may be short).
+    Under torchrun each global batch is split across ranks, and a tail too short to split is dropped."""
 
-    optimizer = build_adamw(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), torch.device(cfg.device).type)
-    steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
-    total, warmup = steps_per_epoch * cfg.epochs, int(cfg.warmup_fraction * steps_per_epoch * cfg.epochs)
-    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and dropout masks repeat run to run
-    torch.manual_seed(cfg.seed)
-    step, metrics = 0, {}
-    model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(n_examples, generator=gen).tolist()
-        running = 0.0
-        for b in progress(range(0, n_examples, cfg.batch_size), desc=f"epoch {epoch}", unit="batch"):
-            ramp = (step + 1) / warmup if step < warmup else (total - step) / max(1, total - warmup)
-            set_lr(optimizer, cfg.lr * ramp)
-            _, loss = model(**_to(batch(order[b: b + cfg.batch_size]), cfg.device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += loss.item()
-            step += 1
-        metrics = {"epoch": epoch, "train_loss": running / steps_per_epoch, **(evaluate() if evaluate else {})}
+    def __init__(self, n_examples: int, batch_size: int, make_batch, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.make_batch = n_examples, batch_size, make_batch
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.pos = [], 0
+
+    def batches_per_epoch(self) -> int:
+        full, tail = divmod(self.n, self.batch_size)
+        return full + (tail >= self.world_size)
+
+    def next_batch(self):
+        if not self.order or self.pos >= self.batches_per_epoch() * self.batch_size:
+            self.order, self.pos = torch.randperm(self.n, generator=self.generator).tolist(), 0
+        rows = self.order[self.pos: self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.make_batch(rows[self.rank::self.world_size]), None
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+
+
+class TaskTrainer(Trainer):
+    """The Trainer with a fine-tuning recipe's model, batches and metrics: `batch(indices)` gives the
+    model's keyword arguments, targets included (its forward returns (output, loss)); the schedule is
+    BERT's (linear warmup, linear decay to 0); validation runs the recipe's `evaluate()` once per epoch.
+    The recipe saves the model itself at the end: fine-tuning runs are short and keep no checkpoints."""
+
+    def __init__(self, model: torch.nn.Module, n_examples: int, batch, cfg: FinetuneConfig, out_dir,
+                 evaluate=None, log=print):
+        self.task_model, self.n_examples, self.make_batch = model, n_examples, batch
+        self.task_evaluate, self.log_line, self.epochs = evaluate, log, cfg.epochs
+        self.epoch_metrics: dict = {}
+        per_epoch = ExampleSampler(n_examples, cfg.batch_size, None, 0, 0, distributed.detect().world_size)
+        self.steps_per_epoch = max(1, per_epoch.batches_per_epoch())
+        total = self.steps_per_epoch * cfg.epochs
+        super().__init__(TrainConfig(
+            data_dir="-", out_dir=str(out_dir), objective="heads", batch_size=cfg.batch_size,
+            block_size=model.config.max_length, max_steps=total, lr=cfg.lr, min_lr=0.0, lr_schedule="linear",
+            warmup_steps=int(cfg.warmup_fraction * total), lr_decay_steps=total, weight_decay=cfg.weight_decay,
+            beta2=0.999, grad_clip=1.0, device=cfg.device, seed=cfg.seed, eval_interval=self.steps_per_epoch,
+            log_interval=self.steps_per_epoch, ckpt_interval=0, progress=sys.stderr.isatty()))
+
+    def _check_out_dir(self, resume: bool) -> None:
+        pass  # the recipe writes a model dir into out_dir (atomically, file by file) when training ends
+
+    def _load_data(self) -> None:
+        self.train_tokens = self.val_tokens = None  # the recipe's features, reached through make_batch
+
+    def build_model_config(self):
+        return self.task_model.config
+
+    def build_model(self) -> torch.nn.Module:
+        model, self.task_model = self.task_model, None
+        return model.train()
+
+    def _sampler(self, data, seed: int):
+        return ExampleSampler(self.n_examples, self.config.batch_size, self.make_batch, seed,
+                              self.dist.rank, self.dist.world_size)
+
+    def next_batch(self, sampler):
+        batch, _ = sampler.next_batch()
+        self._step_tokens += int(batch["input_ids"].numel()) * self.dist.world_size
+        return _to(batch, self.device), None
+
+    def train_step(self) -> torch.Tensor:
+        self._step_tokens = 0  # batches are as wide as their longest example: count what was drawn
+        loss = super().train_step()
+        self.tokens_seen += self._step_tokens - self.tokens_per_step
+        return loss
+
+    def validate(self) -> None:
+        epoch = self.step // self.steps_per_epoch
+        metrics = {"epoch": epoch, "train_loss": self.last_metrics["loss"],
+                   **(self.task_evaluate() if self.task_evaluate else {})}
+        self.raw_model.train()
+        self.epoch_metrics = metrics
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "train_loss")
-        log(f"epoch {epoch}/{cfg.epochs}: train loss {metrics['train_loss']:.4f}  {shown}")
-    model.eval()
-    return metrics
+        self.log_line(f"epoch {epoch}/{self.epochs}: train loss {metrics['train_loss']:.4f}  {shown}")
+        self._log({"step": self.step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+    def save(self) -> None:
+        pass
+
+
+def fit(model: torch.nn.Module, n_examples: int, batch, cfg: FinetuneConfig, out_dir, evaluate=None,
+        log=print) -> dict:
+    """Train `model` with a recipe's batches (see TaskTrainer); returns the last epoch's
+    {"epoch", "train_loss", **evaluate()}. The model is left in eval mode."""
+    trainer = TaskTrainer(model, n_examples, batch, cfg, out_dir, evaluate, log)
+    trainer.fit()
+    trainer.raw_model.eval()
+    return trainer.epoch_metrics
 
 
 def run_predict(model_path, input_path, out_path=None, batch_size: int = 32, device: str = "cpu") -> dict | None:

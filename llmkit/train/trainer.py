@@ -28,7 +28,7 @@ from llmkit.model.config import ModelConfig, preset
 from llmkit.io import sharded, snapshots
 from llmkit.errors import LlmkitError
 from llmkit.train.losses import contrastive_objective, masked_lm_objective, mlm_nsp_objective
-from llmkit.train.optim import build_adamw, inverse_sqrt_lr, lr_at, set_lr
+from llmkit.train.optim import build_adamw, inverse_sqrt_lr, linear_lr, lr_at, set_lr
 from llmkit.train.perf import measure_peak_flops, mfu
 from llmkit.train.config import TrainConfig, load_train_config
 from llmkit.utils import atomic_open
@@ -53,6 +53,9 @@ OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], to
     "mlm": masked_lm_objective,
     "mlm+nsp": mlm_nsp_objective,
     "contrastive": contrastive_objective,
+    # task heads (classify, tag, QA spans, several at once): run by llmkit.train.tasks.TaskTrainer (finetune),
+    # whose batches are the model's keyword arguments with the targets in them
+    "heads": lambda model, batch, _: model(**batch)[1],
 }
 
 
@@ -227,6 +230,8 @@ class Trainer:
         cfg = self.config
         if cfg.lr_schedule == "inverse_sqrt":
             set_lr(self.optimizer, inverse_sqrt_lr(self.step, cfg.lr, cfg.warmup_steps))
+        elif cfg.lr_schedule == "linear":
+            set_lr(self.optimizer, linear_lr(self.step, cfg.lr, cfg.warmup_steps, cfg.lr_decay_steps))
         else:
             set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps))
         total = torch.zeros((), device=self.device)
@@ -266,6 +271,12 @@ class Trainer:
         model.train()
         return distributed.mean_across(total / self.config.eval_iters).item()
 
+    def validate(self) -> None:
+        """Evaluate and log; recipes with task metrics instead of a validation loss override this."""
+        val_loss = self.evaluate()
+        if val_loss is not None:
+            self._log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to max_steps; returns the last logged metrics (loss, val_loss, tokens_per_s, ...)."""
@@ -304,9 +315,7 @@ class Trainer:
                     window_tokens = self.tokens_seen
                 pause = time.perf_counter()
                 if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or done:
-                    val_loss = self.evaluate()
-                    if val_loss is not None:
-                        self._log({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                    self.validate()
                 if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or done:
                     self.save()
                 window_start += time.perf_counter() - pause  # eval/checkpoint time is not training time
