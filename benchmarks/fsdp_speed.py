@@ -11,6 +11,10 @@ strategy=fsdp, float32, fused AdamW) on random tokens, and reports per rank:
               (in brackets: the peak reached by the end of set-up, when every rank still builds the whole
               model before sharding it)
   resident MB resident memory after the timed steps, minus the same baseline
+Resident memory is what the OS charges, and it is not the same as live tensors: with strategy=fsdp llmkit
+fixes glibc's mmap threshold (llmkit.train.distributed.return_freed_buffers_to_os), because by default
+glibc keeps FSDP's per-block buffers, freed every step, resident in its heap (the `deep` row then peaked
+as high as DDP: 1040 vs 1075 MB). Set MALLOC_MMAP_THRESHOLD_ to override the value for both strategies.
 Rows:
   llama-tiny  the preset (4 layers x 256, vocab 4096), batch 8 x 128 tokens: compute-bound, the speed row
   deep        16 layers x 512, vocab 4096, batch 2 x 16 tokens: ~46M parameters, nearly all in blocks

@@ -9,6 +9,8 @@ rest: a power cut, which a test cannot stage).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_data_dir, run_cli, tiny_config, train_losses
@@ -69,6 +71,44 @@ def test_kill_at_every_file_operation_of_a_save_then_resume_is_exact(data_dir, t
             assert torch.equal(tensor, expected[name]), (kill_at, name)
         assert leftovers(out) == [], kill_at
         assert sorted(p.name for p in (out / snapshots.CKPT_DIR).iterdir()) == ["latest", "step-00000004"]
+
+
+class DiskFull(OSError):
+    pass
+
+
+@pytest.mark.parametrize("fault", [Killed, DiskFull])
+def test_a_sharded_save_broken_while_writing_shards_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch,
+                                                                                    fault):
+    """strategy=fsdp: step 4's shards are written, one is cut in half and the save dies (Killed) or
+    fails (an exception): `latest` still names step 2, and --resume continues from it exactly."""
+    import torch.distributed.checkpoint as dcp
+
+    run = dict(RUN, strategy="fsdp")
+    straight = Trainer(tiny_config(data_dir, tmp_path / "straight", **run))
+    straight.fit()
+    real_save = dcp.save
+
+    def broken_save(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)
+        if "step-00000004" in checkpoint_id:
+            shard = max(Path(checkpoint_id).glob("*.distcp"), key=lambda p: p.stat().st_size)
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+            raise fault("no space left on device")
+
+    out = tmp_path / "broken"
+    monkeypatch.setattr(dcp, "save", broken_save)
+    with pytest.raises(fault):
+        Trainer(tiny_config(data_dir, out, **run)).fit()
+    monkeypatch.setattr(dcp, "save", real_save)
+    assert snapshots.latest(out).name == "step-00000002"
+    assert (out / snapshots.CKPT_DIR / "step-00000004.tmp" / "shards" / ".metadata").is_file()  # complete-looking
+    resumed = Trainer(tiny_config(data_dir, out, **run), resume=True)
+    assert resumed.step == 2 and leftovers(out) == []  # the broken step is removed, never read
+    resumed.fit()
+    assert train_losses(out) == train_losses(tmp_path / "straight")
+    for name, tensor in resumed.raw_model.state_dict().items():
+        assert torch.equal(tensor.to_local(), straight.raw_model.state_dict()[name].to_local()), name  # 1 rank: whole
 
 
 def test_training_into_a_checkpoint_needs_resume_or_overwrite(data_dir, tmp_path, monkeypatch, capsys):

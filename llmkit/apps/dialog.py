@@ -52,8 +52,13 @@ class ChatReplier:
         from llmkit.infer.chat import ChatSession
 
         session = ChatSession(self.model, self.tokenizer, system=CHAT_SYSTEM, params=self.params)
-        known = ", ".join(f"{k}={v}" for k, v in state.slots.items()) or "nothing yet"
-        return session.reply(f"Booking details so far: {known}.\nMessage: {message}").strip() or message
+        return session.reply(chat_request(message, state.slots)).strip() or message
+
+
+def chat_request(message: str, slots: dict) -> str:
+    """The user turn that asks the chat model (system prompt CHAT_SYSTEM) to word `message`."""
+    known = ", ".join(f"{k}={v}" for k, v in slots.items()) or "nothing yet"
+    return f"Booking details so far: {known}.\nMessage: {message}"
 
 
 class Dialog:

@@ -17,6 +17,7 @@
       cancel: cancel
       greet: greet
     replies: {greet: ..., cancelled: ..., fallback: ..., ask_change: ..., nothing_to_confirm: ...}
+    reply: template                # or chat: the chat model words each reply (`dialog`, and `serve`'s /v1/dialog)
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import yaml
 from llmkit.errors import LlmkitError
 
 ACTS = ("inform", "affirm", "deny", "cancel", "greet")
+REPLY_KINDS = ("template", "chat")
 DEFAULT_REPLIES = {
     "greet": "Hello! How can I help?",
     "cancelled": "Cancelled. Anything else?",
@@ -55,6 +57,7 @@ class Domain:
     tasks: dict[str, Task]
     acts: dict[str, str] = field(default_factory=dict)   # act -> NLU intent name
     replies: dict[str, str] = field(default_factory=dict)
+    reply: str = "template"                      # who words the replies: the templates, or the chat model
 
     def act_of(self, intent: str | None) -> str | None:
         return next((act for act, name in self.acts.items() if name == intent), None)
@@ -118,7 +121,9 @@ def load_domain(path) -> Domain:
         raise LlmkitError(f"no such domain file: {path}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise LlmkitError(f"cannot read domain file {path}: {str(e).splitlines()[0]}") from None
-    raw = _mapping(raw, str(path), {"name", "slots", "intents", "acts", "replies"})
+    raw = _mapping(raw, str(path), {"name", "slots", "intents", "acts", "replies", "reply"})
+    if raw.get("reply", "template") not in REPLY_KINDS:
+        raise LlmkitError(f"{path}: reply must be template or chat, got {raw['reply']!r}")
     slots = _mapping(raw.get("slots"), f"{path}: slots")
     prompts = {}
     for slot, spec in slots.items():
@@ -135,4 +140,5 @@ def load_domain(path) -> Domain:
     clash = sorted(set(tasks) & set(acts.values()))
     if clash:
         raise LlmkitError(f"{path}: intent {clash[0]!r} is both a task and a dialogue act")
-    return Domain(str(raw.get("name", path.stem)), prompts, tasks, acts, {k: str(v) for k, v in replies.items()})
+    return Domain(str(raw.get("name", path.stem)), prompts, tasks, acts, {k: str(v) for k, v in replies.items()},
+                  raw.get("reply", "template"))

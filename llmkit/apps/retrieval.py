@@ -84,13 +84,18 @@ def build_index(docs: list[tuple[str, str]], model, tokenizer, out_dir, model_na
         raise LlmkitError(f"chunks need size >= 1 and 0 <= overlap < size (got {size}, {overlap})")
     chunks = [(doc, i, text) for doc, body in docs for i, text in enumerate(chunk_words(body, size, overlap))]
     vectors = embed_texts(model, tokenizer, [t for _, _, t in chunks], batch_size)
+    meta = {"model": model_name, "fingerprint": fingerprint(model), "dim": int(vectors.shape[1]),
+            "chunks": len(chunks), "documents": len(docs), "chunk_words": size, "overlap": overlap}
+    return write_index(out_dir, vectors, chunks, meta)
+
+
+def write_index(out_dir, vectors: np.ndarray, chunks: list[tuple[str, int, str]], meta: dict) -> dict:
+    """The three files of an index; (doc, chunk number, text) per row of `vectors`."""
     out = Path(out_dir)
     with atomic_path(out / VECTORS_FILE) as tmp, open(tmp, "wb") as f:
         np.save(f, vectors.astype(np.float32))
     with atomic_open(out / CHUNKS_FILE, encoding="utf-8") as f:
         f.writelines(json.dumps({"doc": d, "chunk": i, "text": t}, ensure_ascii=False) + "\n" for d, i, t in chunks)
-    meta = {"model": model_name, "fingerprint": fingerprint(model), "dim": int(vectors.shape[1]),
-            "chunks": len(chunks), "documents": len(docs), "chunk_words": size, "overlap": overlap}
     with atomic_open(out / INDEX_FILE, encoding="utf-8") as f:  # last: an index.json means a complete index
         json.dump(meta, f, indent=2)
     return meta

@@ -180,9 +180,8 @@ def embed_cmd(
     device: str = typer.Option("cpu", "--device"),
 ):
     """Normalised sentence embeddings of each line of FILE, as JSONL {"text", "embedding"} or a .npy matrix."""
-    from llmkit.infer.embed import embed_texts, jsonl_lines, write_embeddings
-    from llmkit.io.encoders import load_encoder, read_lines
-    from llmkit.infer.cpu import optimize_for_inference
+    from llmkit.infer.embed import embed_texts, inference_encoder, jsonl_lines, write_embeddings
+    from llmkit.io.encoders import read_lines
 
     if out is not None and not out.endswith((".jsonl", ".npy")):
         raise LlmkitError(f"--out {out} must end in .jsonl or .npy")
@@ -191,8 +190,8 @@ def embed_cmd(
     check_range("--batch-size", batch_size, 1, integer=True)
     device = check_device(device)
     texts = read_lines(input_file)
-    net, tokenizer = load_encoder(model, device=device)
-    vectors = embed_texts(optimize_for_inference(net), tokenizer, texts, batch_size=batch_size)
+    net, tokenizer = inference_encoder(model, device)
+    vectors = embed_texts(net, tokenizer, texts, batch_size=batch_size)
     if out is None:
         sys.stdout.writelines(jsonl_lines(texts, vectors))
     else:
@@ -203,13 +202,16 @@ def embed_cmd(
 @app.command("predict", epilog=epilog("predict"))
 def predict_cmd(
     input_file: str = typer.Argument(..., metavar="FILE",
-                                     help="JSONL ({text} or {tokens}, gold label/tags optional) or .txt lines"),
-    model: str = typer.Option(..., "--model", help="a model fine-tuned with `llmkit finetune --task classify|tag`"),
+                                     help="JSONL ({text}, {tokens} or {text, text_pair}; gold label/tags "
+                                          "optional) or .txt lines (pairs: text<TAB>text_pair)"),
+    model: str = typer.Option(..., "--model", help="a model fine-tuned with `llmkit finetune --task "
+                                                   "classify|tag|intent-slots|pair`"),
     out: str = typer.Option(None, "--out", "-o", help="output JSONL (default: stdout)"),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
 ):
-    """Predict a label per text (classify) or a tag per word (tag); scores the predictions when gold is given."""
+    """Predict a label per text (classify) or pair (pair), tags per word (tag), or both (intent-slots); scores
+    the predictions when gold is given."""
     from llmkit.train.multitask import is_joint
     from llmkit.train.tasks import format_metrics, run_predict
 
@@ -218,7 +220,7 @@ def predict_cmd(
     check_range("--batch-size", batch_size, 1, integer=True)
     device = check_device(device)
     if is_joint(model):
-        _predict_joint(model, input_file, out, device)
+        _predict_multi(model, input_file, out, batch_size, device)
         return
     metrics = run_predict(model, input_file, out, batch_size=batch_size, device=device)
     if metrics is not None:
@@ -229,7 +231,8 @@ def predict_cmd(
 def dialog_cmd(
     domain: str = typer.Argument(..., help="domain YAML: intents, slots, required slots, prompts, actions"),
     nlu: list[str] = typer.Option(..., "--nlu", help="an intent-slots model (or a classify and a tag model)"),
-    reply: str = typer.Option("template", "--reply", help="template, or chat: the chat model words each reply"),
+    reply: str = typer.Option(None, "--reply", help="template, or chat: the chat model words each reply "
+                                                    "(default: the domain file's `reply`, else template)"),
     chat_model: str = typer.Option("smollm2-135m-instruct", "--chat-model", help="--reply chat: the chat model"),
     actions: str = typer.Option(None, "--actions", help="append each executed action to this JSONL file"),
     show_state: bool = typer.Option(False, "--show-state", help="print the NLU result and state after each turn"),
@@ -239,11 +242,12 @@ def dialog_cmd(
     from llmkit.apps.domain import load_domain
     from llmkit.apps.nlu import NLU
 
-    if reply not in ("template", "chat"):
+    if reply not in (None, "template", "chat"):
         raise LlmkitError(f"--reply must be template or chat, got {reply!r}")
     if actions is not None:
         check_output(actions, "file", "--actions")
     session = Dialog(load_domain(domain), NLU.load(*nlu))
+    reply = reply or session.domain.reply
     if reply == "chat":
         from llmkit.infer.cpu import optimize_for_inference
         from llmkit.io.resolve import resolve_model
@@ -264,14 +268,14 @@ def index_cmd(
 ):
     """Chunk documents, embed each chunk, and save a flat inner-product index for `llmkit ask`."""
     from llmkit.apps.retrieval import build_index, read_documents
-    from llmkit.io.encoders import load_encoder
+    from llmkit.infer.embed import inference_encoder
 
     check_output(out, "dir")
     check_range("--chunk-words", chunk_words, 1, integer=True)
     check_range("--overlap", overlap, 0, chunk_words - 1, integer=True)
     check_range("--batch-size", batch_size, 1, integer=True)
     documents = read_documents(docs)
-    net, tokenizer = load_encoder(model)
+    net, tokenizer = inference_encoder(model)  # the engine `embed` runs
     meta = build_index(documents, net, tokenizer, out, model, chunk_words, overlap, batch_size)
     print(f"indexed {meta['documents']} documents as {meta['chunks']} chunks ({meta['dim']} dims) in {out}")
 
@@ -289,21 +293,25 @@ def ask_cmd(
 ):
     """Answer a question from an index: retrieve the top chunks, answer with the chat model, cite them."""
     import json
+    import time
 
     from llmkit.apps.retrieval import Index, answer_prompt, read_questions, recall_at_k
-    from llmkit.infer.embed import embed_texts
-    from llmkit.io.encoders import load_encoder
+    from llmkit.infer.embed import embed_texts, inference_encoder, single_thread
 
     if (question is None) == (evaluate is None) or k < 1:
         raise LlmkitError("give a QUESTION or --eval QUESTIONS.jsonl (not both), and -k >= 1")
     idx = Index(index)
     name = model or idx.meta["model"]
-    net, tokenizer = load_encoder(name)
+    net, tokenizer = inference_encoder(name)
     idx.check_model(net, name)
     if evaluate:
         print(json.dumps(recall_at_k(idx, net, tokenizer, read_questions(evaluate))))
         return
-    hits = idx.search(embed_texts(net, tokenizer, [question]), k)[0]
+    started = time.perf_counter()
+    with single_thread():
+        hits = idx.search(embed_texts(net, tokenizer, [question]), k)[0]
+    took = time.perf_counter() - started  # the retrieval: embedding the question + the search
+    print(f"retrieved {len(hits)} of {len(idx.chunks):,} chunks in {took * 1e3:.1f} ms", file=sys.stderr)
     sources = [f"[{n}] {h.doc} #{h.chunk} (score {h.score:.3f})" for n, h in enumerate(hits, 1)]
     if retrieve_only:
         for line, h in zip(sources, hits):
@@ -315,22 +323,30 @@ def ask_cmd(
     print("sources:\n  " + "\n  ".join(sources))
 
 
-def _predict_joint(model_path: str, input_file: str, out: str | None, device: str) -> None:
-    """`predict` with a joint intent-slots model: intent, tags and slot values per line."""
+def _predict_multi(model_path: str, input_file: str, out: str | None, batch_size: int, device: str) -> None:
+    """`predict` with a multi-task model: the label of each pair (a pair head), or intent, tags and slot
+    values per line (a joint intent-slots model)."""
     from llmkit.io.encoders import load_encoder
     from llmkit.train.multitask import run_predict_joint
+    from llmkit.train.pair import has_pair_head, run_predict_pairs
+    from llmkit.train.tasks import format_metrics
     from llmkit.utils import atomic_open
 
     net, tokenizer = load_encoder(model_path, device)
-    lines, metrics = run_predict_joint(net, tokenizer, input_file)
+    if has_pair_head(net):
+        lines, metrics = run_predict_pairs(net, tokenizer, input_file, batch_size)
+        shown = metrics and format_metrics(metrics)
+    else:
+        lines, metrics = run_predict_joint(net, tokenizer, input_file)
+        shown = metrics and (f"intent_accuracy {metrics['intent_accuracy']:.4f}  "
+                             f"slot_f1 {metrics['slot_f1']:.4f}")
     if out is None:
         sys.stdout.writelines(lines)
     else:
         with atomic_open(out, encoding="utf-8") as f:
             f.writelines(lines)
     if metrics is not None:
-        print(f"{metrics['examples']} labelled examples: intent_accuracy {metrics['intent_accuracy']:.4f}  "
-              f"slot_f1 {metrics['slot_f1']:.4f}", file=sys.stderr)
+        print(f"{metrics['examples']} labelled examples: {shown}", file=sys.stderr)
 
 
 def _read_prompts(prompt_file: str) -> list[str]:

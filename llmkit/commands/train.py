@@ -147,6 +147,8 @@ FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "tag": "token classification (BIO tags), JSONL {tokens, tags}",
                   "intent-slots": "one encoder, an intent head and a slot (BIO) head trained jointly, "
                                   "JSONL {tokens, tags, label}",
+                  "pair": "sentence-pair classification (paraphrase, entailment, relevance), "
+                          "JSONL {text, text_pair, label}",
                   "qa": "extractive question answering (a span head), SQuAD-style JSONL {context, question, answers}",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
@@ -214,13 +216,15 @@ def finetune_cmd(
                            log=lambda line: print(line, file=sys.stderr))
         print(f"{format_metrics(metrics) or 'no validation data'}; model saved to {out}")
         return
-    if task in ("intent-slots", "qa"):  # several-head recipes: one model, jointly trained heads
+    if task in ("intent-slots", "pair", "qa"):  # multi-task encoder recipes: named heads over one encoder
         from llmkit.train.tasks import FinetuneConfig
         from llmkit.train.multitask import finetune_intent_slots
+        from llmkit.train.pair import finetune_pair
         from llmkit.train.qa import finetune_qa
 
-        run, keys = ((finetune_intent_slots, ("intent_accuracy", "slot_f1")) if task == "intent-slots"
-                     else (finetune_qa, ("exact_match", "f1")))
+        run, keys = {"intent-slots": (finetune_intent_slots, ("intent_accuracy", "slot_f1")),
+                     "pair": (finetune_pair, ("accuracy", "macro_f1")),
+                     "qa": (finetune_qa, ("exact_match", "f1"))}[task]
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
         metrics = run(model, data, out, val_path=val, config=config, log=lambda line: print(line, file=sys.stderr))
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)

@@ -1,6 +1,7 @@
 """Sentence embeddings from an encoder: `embed_texts`, and the files `llmkit embed` reads and writes."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,28 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.utils import atomic_open, atomic_path, progress
 
 OUTPUT_FORMATS = (".jsonl", ".npy")
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run a one-question embedding on one intra-op thread. Its matrices are ~10 rows: a second thread saves
+    ~3 ms on an idle machine, but when another process holds a core the pool spin-waits for it
+    (benchmarks/retrieval_speed.py, MiniLM, 2 cores at load 8: 1.3 s instead of 0.12 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def inference_encoder(model: str, device: str = "cpu") -> tuple[Encoder, Tokenizer]:
+    """(encoder, tokenizer) as `embed`, `index`, `ask` and the server run it: with the CPU inference routes."""
+    from llmkit.infer.cpu import optimize_for_inference
+    from llmkit.io.encoders import load_encoder
+
+    net, tokenizer = load_encoder(model, device=device)
+    return optimize_for_inference(net), tokenizer
 
 
 @torch.inference_mode()

@@ -23,23 +23,40 @@ def _dcp():
     return dcp, sd
 
 
-def save(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _states(model, optimizer, frozen: bool):
+    """This rank's shards of model and optimizer; frozen=False leaves out frozen parameters (LoRA's
+    base weights: they never change, so every checkpoint would write the same gigabytes again)."""
+    _, sd = _dcp()
+    # not strict without them: load_state_dict would call the left-out frozen weights missing
+    options = sd.StateDictOptions(ignore_frozen_params=not frozen, strict=frozen)
+    model_state, optim_state = sd.get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optim_state}, options
+
+
+def save(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer, frozen: bool = True) -> None:
     """Collective: every rank writes its shard of model and optimizer into `directory`."""
-    dcp, sd = _dcp()
-    model_state, optim_state = sd.get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+    dcp, _ = _dcp()
+    state, _ = _states(model, optimizer, frozen)
+    dcp.save(state, checkpoint_id=str(directory))
 
 
-def load(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load(directory, model: torch.nn.Module, optimizer: torch.optim.Optimizer, frozen: bool = True) -> None:
     """Collective: fill this rank's shards of model and optimizer, whatever world size wrote them."""
     dcp, sd = _dcp()
-    model_state, optim_state = sd.get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    state, options = _states(model, optimizer, frozen)
     try:
         dcp.load(state, checkpoint_id=str(directory))
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise LlmkitError(f"cannot resume from sharded checkpoint {directory}: {str(e).splitlines()[0]}") from None
-    sd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    sd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                      options=options)
+
+
+def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the trainable parameters whole, on the CPU of rank 0 (empty elsewhere)."""
+    _, sd = _dcp()
+    options = sd.StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return sd.get_model_state_dict(model, options=options)
 
 
 def load_weights(directory, model: torch.nn.Module) -> None:

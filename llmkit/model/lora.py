@@ -164,9 +164,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, out_dir, extra: dict | None = None) -> Path:
-    """Write adapter.safetensors + adapter_config.json (each atomically) into `out_dir`."""
-    state = lora_state_dict(model)
+def save_adapter(model: nn.Module, out_dir, extra: dict | None = None, state: dict | None = None) -> Path:
+    """Write adapter.safetensors + adapter_config.json (each atomically) into `out_dir`; `state`, when
+    given, holds the adapter tensors already gathered (a sharded model's own are slices)."""
+    state = lora_state_dict(model) if state is None else state
     if not state:
         raise LlmkitError("model has no LoRA adapters to save")
     config: LoRAConfig = model.lora_config

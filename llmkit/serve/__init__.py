@@ -52,13 +52,13 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
 
     check_origins(cors_origins or [])  # before the slow part: a typo fails at once
     engine = embedder = decoder_name = embed_name = None
-    routes = _app_routes(nlu, dialog)
     if model == "none":
         model = None
     if model is not None and is_encoder(model):
         if embedding_model is not None:
             raise LlmkitError(f"--model {model} is already an embedding model; drop --embedding-model")
         model, embedding_model = None, model
+    routes = _app_routes(nlu, dialog, chat_model=model is not None)
     if model is not None:
         from llmkit.io.resolve import resolve_model
 
@@ -91,8 +91,9 @@ def served_hosts(host: str, extra: list[str] | None = None) -> list[str] | None:
     return [host, *extra] if extra else None
 
 
-def _app_routes(nlu_paths, domain_file):
-    """The NLU / dialogue routes as a callable for create_app, or None when neither is asked for."""
+def _app_routes(nlu_paths, domain_file, chat_model: bool):
+    """The NLU / dialogue routes as a callable for create_app, or None when neither is asked for.
+    A domain whose replies the chat model words (reply: chat) needs one served (`chat_model`)."""
     if not nlu_paths:
         if domain_file:
             raise LlmkitError("--dialog needs its NLU model: add --nlu MODEL")
@@ -102,8 +103,12 @@ def _app_routes(nlu_paths, domain_file):
     from llmkit.apps.nlu import NLU
     from llmkit.serve.apps import add_nlu_routes
 
+    domain = load_domain(domain_file) if domain_file else None
+    if domain is not None and domain.reply == "chat" and not chat_model:
+        raise LlmkitError(f"{domain_file} has the chat model word its replies (reply: chat): serve one with "
+                          "--model (e.g. smollm2-135m-instruct), or set reply: template")
     nlu = NLU.load(*nlu_paths)
-    sessions = Sessions(load_domain(domain_file), nlu) if domain_file else None
+    sessions = Sessions(domain, nlu) if domain is not None else None
     return lambda app: add_nlu_routes(app, nlu, sessions)
 
 

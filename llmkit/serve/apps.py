@@ -3,7 +3,8 @@
     POST /v1/classify {"input": "table for 4"}                   -> {"data": [{"index", "label", "score"}]}
     POST /v1/tag      {"input": ["table for 4", ...]}            -> {"data": [{"index", "words", "tags", "slots"}]}
     POST /v1/dialog   {"message": "hi", "session_id": optional}  -> {"session_id", "reply", "act", "state", "action"}
-The first /v1/dialog call without a session_id opens a session; later calls pass the id back.
+The first /v1/dialog call without a session_id opens a session; later calls pass the id back. When the domain
+file says `reply: chat`, the served chat model words each reply (greedy, through the batching engine).
 """
 from __future__ import annotations
 
@@ -66,4 +67,29 @@ def add_nlu_routes(app, nlu=None, sessions=None) -> None:
                 status = 404 if body.session_id is not None and "unknown session" in str(e) else 400
                 raise ApiError(status, str(e), "not_found_error" if status == 404 else "invalid_request_error",
                                "invalid_value") from None
+            if sessions.domain.reply == "chat":
+                turn.reply = await worded(app.state.engine, turn.reply, turn.state["slots"])
             return {"session_id": session_id, **asdict(turn)}
+
+
+async def worded(engine, message: str, slots: dict, max_new_tokens: int = 60) -> str:
+    """The chat model's wording of the policy's `message` (as `llmkit dialog --reply chat` asks for it)."""
+    from llmkit.apps.dialog import CHAT_SYSTEM, chat_request
+    from llmkit.infer.generate import SamplingParams
+    from llmkit.serve.engine import QueueFull
+
+    turns = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": chat_request(message, slots)}]
+    prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(turns, add_generation_prompt=True))
+    try:
+        job = engine.submit([prompt], SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    except QueueFull as e:
+        raise ApiError(429, str(e), "rate_limit_error", "queue_full", {"Retry-After": str(e.retry_after)}) from None
+    pieces = []
+    while True:
+        event = await job.events.get()
+        pieces.append(event.text)
+        if event.finish in ("error", "timeout"):
+            raise ApiError(503, f"the chat model could not word the reply ({event.error or event.finish})",
+                           "server_error", event.finish)
+        if event.finish:
+            return "".join(pieces).strip() or message

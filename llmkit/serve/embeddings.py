@@ -5,8 +5,8 @@ import threading
 
 import numpy as np
 
-from llmkit.infer.embed import embed_texts
-from llmkit.io.encoders import is_encoder, load_encoder, tokenize
+from llmkit.infer.embed import embed_texts, inference_encoder
+from llmkit.io.encoders import is_encoder, tokenize
 
 __all__ = ["Embedder", "is_encoder", "load_embedder"]
 
@@ -27,7 +27,4 @@ class Embedder:
 
 
 def load_embedder(name_or_path: str) -> Embedder:
-    from llmkit.infer.cpu import optimize_for_inference
-
-    model, tokenizer = load_encoder(name_or_path)
-    return Embedder(optimize_for_inference(model), tokenizer)
+    return Embedder(*inference_encoder(name_or_path))

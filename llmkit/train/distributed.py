@@ -12,8 +12,10 @@ strategy=fsdp  PyTorch's FSDP2 (`fully_shard`) per block and at the root: each r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,8 +89,15 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (decoders and encoders keep them in `.blocks`)."""
-    return list(getattr(model, "blocks", ()))
+    """The repeated units FSDP shards one by one and activation checkpointing recomputes: decoders'
+    and encoders' `.blocks`; a seq2seq model's encoder layers and, per decoder layer, its self-attention
+    and feed-forward. Its cross-attention projects the encoder output outside the layer's forward
+    (`Seq2Seq.new_cache`), where a per-layer unit would still be sharded, so it stays with the root."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    if hasattr(model, "encoder") and hasattr(model, "decoder"):
+        return [*model.encoder, *(part for layer in model.decoder for part in (layer.self_attn, layer.mlp))]
+    return []
 
 
 def checkpoint_activations(model: torch.nn.Module) -> None:
@@ -98,6 +107,26 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
 
     for block in blocks(model):
         block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+
+MMAP_THRESHOLD = 4 << 20  # bytes; glibc's own starts at 128 KiB and rises with every larger free, up to 32 MiB
+
+
+def return_freed_buffers_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc give large freed buffers back to the OS. FSDP allocates and frees each block's
+    gathered parameters and full gradients every step; glibc raises its mmap threshold after the first
+    such free and from then on keeps them in the heap, freed but resident and fragmented: 1.2 GB
+    resident for 0.4 GB of live tensors on benchmarks/fsdp_speed.py's `deep` row (as much as DDP).
+    A fixed threshold puts every buffer above it in its own mapping, unmapped when freed; the price
+    is zero-filling fresh pages each step. A no-op off glibc, or when MALLOC_MMAP_THRESHOLD_ is set."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: no mallopt
+        return False
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, threshold))
 
 
 def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> None:

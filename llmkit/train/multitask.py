@@ -93,6 +93,12 @@ def finetune_intent_slots(base: str, train_path, out_dir, val_path=None, config:
     return metrics
 
 
+def check_joint(model) -> None:
+    if not isinstance(model, MultiTaskEncoder) or set(model.head_specs) != {INTENT, SLOTS}:
+        raise LlmkitError("this model is not a joint intent-slots model; train one with "
+                          "`llmkit finetune --task intent-slots`")
+
+
 def slot_values(words: list[str], tags: list[str]) -> dict[str, str]:
     """{slot: its words joined by spaces}; a slot tagged twice keeps its last span (the latest mention)."""
     return {kind: " ".join(words[start:end]) for kind, start, end in bio_spans(tags)}
@@ -102,9 +108,7 @@ def slot_values(words: list[str], tags: list[str]) -> dict[str, str]:
 def predict_joint(model: MultiTaskEncoder, tokenizer, examples: list[Example], batch_size: int = 32,
                   warn: bool = True) -> list[dict]:
     """{"intent", "score", "tags", "slots"} per example; words cut off by truncation are tagged "O"."""
-    if not isinstance(model, MultiTaskEncoder) or set(model.head_specs) != {INTENT, SLOTS}:
-        raise LlmkitError("this model is not a joint intent-slots model; train one with "
-                          "`llmkit finetune --task intent-slots`")
+    check_joint(model)
     was_training = model.training
     model.eval()
     intents, slots = model.head_specs[INTENT]["labels"], model.head_specs[SLOTS]["labels"]
@@ -144,6 +148,7 @@ def is_joint(path) -> bool:
 
 def run_predict_joint(model, tokenizer, input_path) -> tuple[list[str], dict | None]:
     """`llmkit predict` on a joint model: JSONL lines and, when gold is given, the scores."""
+    check_joint(model)
     rows = read_joint(input_path, need_gold=False)
     _labels(rows, model.head_specs[INTENT]["labels"], model.head_specs[SLOTS]["labels"])  # before any output
     preds = predict_joint(model, tokenizer, [e for e, _ in rows])

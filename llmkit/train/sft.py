@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a pretrained chat model: `SFTTrainer(config, model=..., lora=...)`.
 
-The standard Trainer (accumulation, AMP, clipping, cosine LR, checkpoints, exact resume, DDP)
+The standard Trainer (accumulation, AMP, clipping, cosine LR, checkpoints, exact resume, DDP or FSDP)
 with three things swapped: the model comes from `resolve_model` instead of a preset, batches
 come from chat JSONL (`llmkit.data.chats`) instead of a token file, and with LoRA only the adapters
 are trained and checkpointed.
@@ -10,6 +10,8 @@ out_dir after training:
   LoRA              adapter.safetensors + adapter_config.json + tokenizer files + train_state.pt,
                     and (merge=True, the default) the merged model's config.json + model.safetensors,
                     so out_dir loads like any model directory.
+With strategy=fsdp the weights (full) or the adapters and their moments (LoRA) are also sharded in
+`shards/` (llmkit.io.sharded), which resume reads at any number of processes.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ import torch.nn.functional as F
 from llmkit.train import distributed
 from llmkit.train import state as train_state
 from llmkit.errors import LlmkitError
-from llmkit.io import snapshots
-from llmkit.model.lora import (LoRAConfig, apply_lora, count_parameters, load_adapter_weights, merge_lora,
-                         read_adapter_config, save_adapter)
+from llmkit.io import sharded, snapshots
+from llmkit.model.lora import (LoRAConfig, apply_lora, count_parameters, load_adapter, load_adapter_weights,
+                               merge_lora, read_adapter_config, save_adapter)
 from llmkit.data.chats import SFTData, SFTSampler, describe, encode_chats, eval_batches, read_chats
 from llmkit.train.trainer import Trainer
 
@@ -49,8 +51,6 @@ class SFTTrainer(Trainer):
                  val_data=None, val_fraction: float = 0.05, merge: bool = True, resume: bool = False, log=print):
         self.model_source, self.lora, self.pack, self.merge = str(model), lora, pack, merge
         self.val_path, self.val_fraction, self.log = val_data, val_fraction, log
-        if config.strategy == "fsdp":  # its checkpoints (adapters, merged model) are written whole by rank 0
-            raise LlmkitError("finetune --task sft trains with strategy=ddp (fsdp is for `llmkit train`)")
         super().__init__(config, resume)
         trainable, total = count_parameters(self.raw_model)
         self.trainable = (trainable, total)
@@ -139,12 +139,21 @@ class SFTTrainer(Trainer):
         return total / count
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def save_shards(self, directory) -> None:
+        """strategy=fsdp with LoRA: the adapters gathered whole for rank 0's adapter.safetensors, and
+        sharded with their optimizer moments (not the frozen base) for resuming."""
+        if self.lora is None:
+            return super().save_shards(directory)
+        self.adapter_state = sharded.gather_trainable(self.raw_model)
+        sharded.save(directory, self.raw_model, self.optimizer, frozen=False)
+
     def write_checkpoint(self, directory) -> None:
         self.tokenizer.save(directory)  # whole, with its chat template
         if self.lora is None:
             return super().write_checkpoint(directory)
         # Adapter and state, both stamped with the step (checked again on resume).
-        save_adapter(self.raw_model, directory, extra={"base": self.model_source, "train_step": self.step})
+        save_adapter(self.raw_model, directory, extra={"base": self.model_source, "train_step": self.step},
+                     state=self.adapter_state if self.sharded else None)
         snapshots.fault_point()
         torch.save(self.training_state(), directory / train_state.STATE_FILE)
         snapshots.fault_point()
@@ -160,7 +169,13 @@ class SFTTrainer(Trainer):
             raise LlmkitError(f"cannot resume: the adapter in {self.out_dir} was trained on "
                               f"{meta.get('base')!r}, not {self.model_source!r}")
         state = train_state.read_state(directory / train_state.STATE_FILE, meta.get("train_step"))
-        load_adapter_weights(self.raw_model, directory)  # same Parameters: the optimizer still holds them
+        if (state["optimizer"] == sharded.SHARDS) != self.sharded:
+            kind = "whole (strategy=ddp)" if self.sharded else "sharded (strategy=fsdp)"
+            raise LlmkitError(f"cannot resume: the checkpoint in {self.out_dir} is {kind}; resume with that strategy")
+        if self.sharded:  # adapters and their moments, resharded to this world size
+            sharded.load(directory / sharded.SHARDS, self.raw_model, self.optimizer, frozen=False)
+        else:
+            load_adapter_weights(self.raw_model, directory)  # same Parameters: the optimizer still holds them
         self.load_training_state(state)
 
     def fit(self) -> dict:
@@ -172,8 +187,14 @@ class SFTTrainer(Trainer):
     def write_merged(self, out_dir) -> Path:
         """Save base + adapters folded together as a plain model directory (the adapters stay in place)."""
         from llmkit.io.checkpoint import save_checkpoint
+        from llmkit.io.resolve import resolve_model
 
-        merged = merge_lora(copy.deepcopy(self.raw_model))
+        if self.sharded:  # this rank holds slices only: the base again, with the adapter just saved
+            model = resolve_model(self.model_source, dtype="float32")[0]
+            load_adapter(model, snapshots.current(self.out_dir))
+        else:
+            model = copy.deepcopy(self.raw_model)
+        merged = merge_lora(model)
         return save_checkpoint(out_dir, merged, self.tokenizer,
                                extra={"base": self.model_source, "lora": asdict(self.lora)})
 

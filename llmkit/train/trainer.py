@@ -84,6 +84,8 @@ class Trainer:
             raise LlmkitError(f"batch_size {cfg.batch_size} is not divisible by {self.dist.world_size} processes")
         if cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)
+        if cfg.strategy == "fsdp" and self.device.type == "cpu":  # before any tensor: FSDP's memory, really freed
+            distributed.return_freed_buffers_to_os()
         self.out_dir = Path(cfg.out_dir)
         self.data_dir = Path(cfg.data_dir)
         if cfg.init_from and type(self).build_model is not Trainer.build_model:
@@ -368,7 +370,7 @@ class Trainer:
             snapshots.begin(self.out_dir, self.step)
         distributed.barrier()
         if self.sharded:
-            sharded.save(stage / sharded.SHARDS, self.raw_model, self.optimizer)
+            self.save_shards(stage / sharded.SHARDS)
             distributed.barrier()
         if self.dist.is_main:
             try:
@@ -378,6 +380,10 @@ class Trainer:
                 raise
             snapshots.commit(self.out_dir, stage)
         distributed.barrier()
+
+    def save_shards(self, directory: Path) -> None:
+        """Collective (strategy=fsdp): every rank writes its shard of the weights and optimizer moments."""
+        sharded.save(directory, self.raw_model, self.optimizer)
 
     def write_checkpoint(self, directory: Path) -> None:
         """Write this step's files into `directory` (rank 0); subclasses add or swap files."""
