@@ -27,7 +27,7 @@ Engines:
   transformers     LlamaForCausalLM with its DynamicCache (the path model.generate() takes); the
                    reference of the float rows ("vs reference"), as llama.cpp is of the quantized rows
 Quantized rows (--quant q4_1,q8_0; one per format and engine, on one GGUF file each: q4_1 is the
-embedded file as shipped, q8_0 the same weights written by `llmkit convert --to gguf --type q8_0`):
+embedded file as shipped, q8_0 its dequantized weights written by `llmkit convert --to gguf --type q8_0`):
   llmkit           the GGUF's blocks used in place (llmkit.infer.quant), as `llmkit generate` loads it;
                    "load s" is load + the first token of a one-word prompt (the kernels already built)
   llama.cpp        llama-cpp-python on the same file with the same threads, when `llama_cpp` is
@@ -192,17 +192,21 @@ def run_llama_cpp(gguf_path, ids, new_tokens, repeats, threads):
     llm.eval(llm.tokenize(b"Hello", add_bos=False))
     load = time.perf_counter() - start
 
+    def last_logits():
+        # llm.scores holds logits only with logits_all=True (which computes them for every prompt token)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
     def prefill():
         llm.reset()
         llm.eval(ids)
-        return llm.scores[llm.n_tokens - 1].copy(), None
+        return last_logits().copy(), None
 
     def decode(logits, _):
         out, tok = [], int(np.argmax(logits))
         for _ in range(new_tokens):
             out.append(tok)
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         return out
     return (*measure(prefill, decode, repeats), load)
 
@@ -362,8 +366,9 @@ def quantized_rows(args, tmp: str, key: str) -> None:
         print("(no llama.cpp row: llama_cpp is not importable; see the docstring to install it)", flush=True)
     for fmt in formats:
         path = embedded_model_path("smollm2-135m-instruct")
-        if fmt != "q4_1":  # the same weights in another format
-            path = convert(path, Path(tmp) / f"smollm2-{fmt}.gguf", to="gguf", gguf_type=fmt)
+        if fmt != "q4_1":  # the same weights in another format: quantized from the float copy (converting the
+            # GGUF itself would keep its Q4_1 blocks as they are)
+            path = convert(tmp, Path(tmp) / f"smollm2-{fmt}.gguf", to="gguf", gguf_type=fmt)
         reference = None
         for engine in sorted(engines, key=lambda e: e != "llama.cpp"):
             row = run_child(args, engine, fmt, tmp, gguf=path)

@@ -11,8 +11,8 @@ tensors of (out_features, in_features / 32 * block bytes), usually views of a me
 (QuantEmbedding) over its blocks. Their kernels (quant_kernels.cpp) are built on first use like
 llmkit.kernels and pick the instruction set at run time; LLMKIT_QUANT_ISA=generic|avx2|avx512_vnni
 forces one (tests force each). A few rows (decoding, the server's batched steps) go through integer
-dot products on int8-rounded activations; more rows (prefill, perplexity) through float32 tiles
-dequantized on the fly and PyTorch's GEMM. Without a compiler both fall back to gguf's numpy
+dot products on int16-rounded activations (llama.cpp's int8 changed SmolLM2's greedy answers); more
+rows (prefill, perplexity) through float32 tiles dequantized on the fly and PyTorch's GEMM. Without a compiler both fall back to gguf's numpy
 dequantization and PyTorch's matmul: slower, nothing else changes.
 """
 from __future__ import annotations
@@ -205,24 +205,37 @@ def check_blockable(name: str, shape) -> None:
                           f"(the model is too small or oddly shaped for q8_0/q4_0/q4_1)")
 
 
+class _MetaWeights(torch.overrides.TorchFunctionMode):
+    """Builds a model's parameters on the meta device, with no values and without initializing them.
+    Unlike torch.device("meta"), computed tables (RoPE's) are made for real, and no op on a meta tensor
+    runs: those pull in PyTorch's Python meta kernels (sympy, dynamo), ~80 MB of resident memory, a
+    fifth of a quantized SmolLM2's."""
+
+    FACTORIES = (torch.empty, torch.ones, torch.zeros)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            return func(*args, **{**kwargs, "device": "meta"})
+        target = args[0] if args else kwargs.get("tensor")
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and getattr(target, "is_meta", False):
+            return target  # an initializer (normal_, uniform_, zero_, ...): nothing to fill
+        return func(*args, **kwargs)
+
+
 def build_quantized_model(config, state: dict[str, torch.Tensor], weights: dict[str, QuantWeight], source):
     """A GPT whose modules in `weights` are quantized and whose other tensors come from `state`
     (float), without ever allocating the float weights it replaces (built on the meta device)."""
     from llmkit.model.decoder import GPT
-    from llmkit.model.layers import RotaryEmbedding
 
-    with torch.device("meta"):
+    with _MetaWeights():
         model = GPT(config)
     # bias tensors of quantized linears come from the state, not from the meta model
     for name in weights:
         if name + ".bias" in state:
             model.get_submodule(name).bias = nn.Parameter(state[name + ".bias"], requires_grad=False)
     quantize_linears(model, weights)
-    if model.rope is not None:  # computed tables, not weights: build them for real
-        model.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.block_size)
-    if model.sinusoid is not None:
-        from llmkit.model.layers import SinusoidalPositions
-        model.sinusoid = SinusoidalPositions(config.n_embd, config.block_size)
     floats = {k: v for k, v in state.items() if not any(k.startswith(n + ".") for n in weights)}
     expected = {k for k, v in model.state_dict().items() if v.is_meta}
     missing, unexpected = sorted(expected - set(floats)), sorted(set(floats) - expected)

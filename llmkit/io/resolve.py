@@ -95,9 +95,9 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it,
     default float32. Quantized weights (a GGUF's q8_0/q4_0/q4_1 blocks, an `llmkit quantize` directory)
     are expanded like any others, unless `dtype` is 'quantized': then they stay in their blocks on the
-    CPU (llmkit.infer.quant). Not the default: decoding on int8-rounded activations, as llama.cpp does,
-    moves logits by ~1% (SmolLM2's greedy answer to "What is the capital of France?" changes), and
-    the float32 default keeps llmkit's output equal to transformers' on the same file.
+    CPU (llmkit.infer.quant), their products on int16-rounded activations (greedy text equal to float32's
+    on SmolLM2's chat prompts). Not the default yet: float32 keeps llmkit's logits equal to transformers'
+    on the same file to float32 precision, which tests rely on.
     """
     path = resolve_path(name_or_path)
     kind = model_format(path)
