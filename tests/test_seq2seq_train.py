@@ -151,6 +151,26 @@ def test_long_source_is_refused_by_generate_and_eval(pairs_dir, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_seq2seq_generate_is_greedy_unless_beams_are_asked_for(pairs_dir, monkeypatch):
+    """generate() on a seq2seq model without beam options decodes greedily (one beam), as for decoders."""
+    from llmkit.infer import beam
+    from llmkit.infer.generate import generate
+    from llmkit.model.seq2seq import Seq2Seq, seq2seq_preset
+
+    tok = Tokenizer.load(pairs_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Seq2Seq(seq2seq_preset("seq2seq-tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2,
+                                   intermediate_size=64, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                                   decoder_start_id=tok.bos_id)).eval()
+    asked = []
+    real = beam.generate_beams
+    monkeypatch.setattr(beam, "generate_beams", lambda *a: asked.append(a[-1].num_beams) or real(*a))
+    greedy = generate(model, tok, "one two", max_new_tokens=5)
+    assert generate(model, tok, "one two", max_new_tokens=5, num_beams=1) == greedy
+    generate(model, tok, "one two", max_new_tokens=5, num_beams=3)
+    assert asked == [1, 1, 3]
+
+
 def test_fine_tunes_an_imported_model_and_translates(pairs_dir, tmp_path):
     """Train from scratch long enough to learn the toy mapping, export to HF Marian, fine-tune that
     directory further through --model, and translate with greedy and beam search."""

@@ -303,10 +303,14 @@ def generate(model, tokenizer, prompts: str | list[str], params: SamplingParams 
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
     if not batch:
         return []
-    if (beam and beam != {"num_beams": 1}) or getattr(model, "arch", None) == "seq2seq":
+    seq2seq = getattr(model, "arch", None) == "seq2seq"
+    if (beam and beam != {"num_beams": 1}) or seq2seq:
         from llmkit.infer.beam import BeamParams, generate_beams
 
-        beams = generate_beams(model, tokenizer, batch, params, BeamParams(max_new_tokens=params.max_new_tokens, **beam))
+        if seq2seq:  # seq2seq decodes through beam.py; without a beam count that is greedy (one beam)
+            beam = {"num_beams": 1, **beam}
+        beams = generate_beams(model, tokenizer, batch, params,
+                               BeamParams(max_new_tokens=params.max_new_tokens, **beam))
         texts = [hyps[0] if len(hyps) == 1 else hyps for hyps in beams]
         return texts[0] if isinstance(prompts, str) else texts
     pieces: list[list[str]] = [[] for _ in batch]
