@@ -52,7 +52,7 @@ class TrainConfig:
     ckpt_interval: int = 1000          # 0: checkpoint only at the end
     seed: int = 1337
     tensorboard: bool = False
-    objective: str = "causal"          # key of llmkit.train.trainer.OBJECTIVES
+    objective: str = "causal"          # key of llmkit.train.losses.OBJECTIVES
     peak_flops: float | None = None    # FLOP/s for MFU; None measures a matmul once per process
     threads: int | None = None         # torch.set_num_threads on CPU; None keeps torch's default
     progress: bool = True              # tqdm bar on stderr (rank 0 only)

@@ -1,11 +1,13 @@
 """Training objectives: the losses, and the batch transforms some of them need.
 
-Each `*_objective(model, x, y) -> loss` has the signature of `llmkit.train.trainer.OBJECTIVES`, so the
+Each `*_objective(model, x, y) -> loss` has the signature of `OBJECTIVES` (below), so the
 Trainer runs it like the causal-LM loss. Sections:
   masked LM      BERT's 15% selection with 80/10/10 replacement; cross-entropy on selected tokens
   contrastive    InfoNCE over in-batch negatives (SimCSE: dropout views or supervised pairs)
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,22 @@ def contrastive_objective(model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     batch = torch.cat([F.pad(x, (0, width - x.shape[1]), value=pad), F.pad(y, (0, width - y.shape[1]), value=pad)])
     emb, _ = model(batch, attention_mask=batch != pad)
     return info_nce(emb[: len(x)], emb[len(x):], SIMCSE_TEMPERATURE)
+
+
+def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; y is x shifted left by one."""
+    _, loss = model(x, targets=y)
+    return loss
+
+
+# objective name -> loss(model, x, y). Other objectives (masked LM, contrastive) register here.
+OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "causal": causal_lm_loss,
+    # encoder objectives: run by llmkit.train.encoder.EncoderTrainer, which supplies their batches
+    "mlm": masked_lm_objective,
+    "mlm+nsp": mlm_nsp_objective,
+    "contrastive": contrastive_objective,
+    # task heads (classify, tag, QA spans, several at once): run by llmkit.train.tasks.TaskTrainer (finetune),
+    # whose batches are the model's keyword arguments with the targets in them
+    "heads": lambda model, batch, _: model(**batch)[1],
+}

@@ -14,7 +14,8 @@ from llmkit.data.pairs import PairSampler, check_lengths, in_order, load_pairs
 from llmkit.errors import LlmkitError
 from llmkit.model.seq2seq import SEQ2SEQ_PRESETS, Seq2Seq, seq2seq_preset
 from llmkit.train import distributed
-from llmkit.train.trainer import OBJECTIVES, Trainer
+from llmkit.train.losses import OBJECTIVES
+from llmkit.train.trainer import Trainer
 
 
 def seq2seq_loss(model, x: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -260,6 +260,12 @@ def _to(value, device):
     return {k: _to(v, device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
 
 
+def batches_per_epoch(n_examples: int, batch_size: int, world_size: int) -> int:
+    """Full batches, plus the short last one when it can still be split across the ranks."""
+    full, tail = divmod(n_examples, batch_size)
+    return full + (tail >= world_size)
+
+
 class ExampleSampler:
     """Shuffled epochs over example indices, `batch_size` at a time (an epoch's last batch may be short).
     Under torchrun each global batch is split across ranks, and a tail too short to split is dropped."""
@@ -271,8 +277,7 @@ class ExampleSampler:
         self.order, self.pos = [], 0
 
     def batches_per_epoch(self) -> int:
-        full, tail = divmod(self.n, self.batch_size)
-        return full + (tail >= self.world_size)
+        return batches_per_epoch(self.n, self.batch_size, self.world_size)
 
     def next_batch(self):
         if not self.order or self.pos >= self.batches_per_epoch() * self.batch_size:
@@ -300,8 +305,8 @@ class TaskTrainer(Trainer):
         self.task_model, self.n_examples, self.make_batch = model, n_examples, batch
         self.task_evaluate, self.log_line, self.epochs = evaluate, log, cfg.epochs
         self.epoch_metrics: dict = {}
-        per_epoch = ExampleSampler(n_examples, cfg.batch_size, None, 0, 0, distributed.detect().world_size)
-        self.steps_per_epoch = max(1, per_epoch.batches_per_epoch())
+        world_size = distributed.detect().world_size  # the Trainer's config needs the step count first
+        self.steps_per_epoch = max(1, batches_per_epoch(n_examples, cfg.batch_size, world_size))
         total = self.steps_per_epoch * cfg.epochs
         super().__init__(TrainConfig(
             data_dir="-", out_dir=str(out_dir), objective="heads", batch_size=cfg.batch_size,

@@ -15,7 +15,6 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from llmkit.train import state as train_state
 from llmkit.model.config import ModelConfig, preset
 from llmkit.io import sharded, snapshots
 from llmkit.errors import LlmkitError
-from llmkit.train.losses import contrastive_objective, masked_lm_objective, mlm_nsp_objective
+from llmkit.train.losses import OBJECTIVES
 from llmkit.train.optim import build_adamw, inverse_sqrt_lr, linear_lr, lr_at, set_lr
 from llmkit.train.perf import measure_peak_flops, mfu
 from llmkit.train.config import TrainConfig, load_train_config
@@ -38,25 +37,6 @@ __all__ = ["OBJECTIVES", "TrainConfig", "Trainer", "load_train_config"]
 METRICS_FILE = "metrics.jsonl"
 VAL_SEED = 20240917  # fixed, independent of config.seed: every run validates on the same windows
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; y is x shifted left by one."""
-    _, loss = model(x, targets=y)
-    return loss
-
-
-# objective name -> loss(model, x, y). Other objectives (masked LM, contrastive) register here.
-OBJECTIVES: dict[str, Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "causal": causal_lm_loss,
-    # encoder objectives: run by llmkit.train.encoder.EncoderTrainer, which supplies their batches
-    "mlm": masked_lm_objective,
-    "mlm+nsp": mlm_nsp_objective,
-    "contrastive": contrastive_objective,
-    # task heads (classify, tag, QA spans, several at once): run by llmkit.train.tasks.TaskTrainer (finetune),
-    # whose batches are the model's keyword arguments with the targets in them
-    "heads": lambda model, batch, _: model(**batch)[1],
-}
 
 
 def resolve_device(name: str, dist_info: distributed.DistInfo) -> torch.device:
