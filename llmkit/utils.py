@@ -62,6 +62,28 @@ def read_json(path, missing: str | None = None, required: bool = True):
         raise LlmkitError(f"cannot read {path}: {e}") from None
 
 
+def read_yaml(path, what: str):
+    """The parsed YAML file at `path` (a domain file, a mixture file, ...); problems name the file."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LlmkitError(f"no such {what}: {path}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise LlmkitError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+
+
+def check_mapping(value, where: str, keys: set[str] | None = None) -> dict:
+    """`value` if it is a mapping whose keys are all among `keys` (when given); else one clear error."""
+    if not isinstance(value, dict):
+        raise LlmkitError(f"{where} must be a mapping")
+    unknown = sorted(set(value) - keys) if keys is not None else []
+    if unknown:
+        raise LlmkitError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+    return value
+
+
 def read_jsonl(path, what: str = "data") -> list[tuple[int, object]]:
     """(line number, parsed value) for each non-blank line of a JSONL file.
 

@@ -25,9 +25,8 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from llmkit.errors import LlmkitError
+from llmkit.utils import check_mapping, read_yaml
 
 ACTS = ("inform", "affirm", "deny", "cancel", "greet")
 REPLY_KINDS = ("template", "chat")
@@ -85,17 +84,8 @@ def _str_list(value, where: str) -> list[str]:
     return value
 
 
-def _mapping(value, where: str, keys: set[str] | None = None) -> dict:
-    if not isinstance(value, dict):
-        raise LlmkitError(f"{where} must be a mapping")
-    unknown = sorted(set(value) - keys) if keys is not None else []
-    if unknown:
-        raise LlmkitError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(keys))})")
-    return value
-
-
 def _task(name: str, spec, prompts: dict, where: str) -> Task:
-    spec = _mapping(spec, f"{where}: intent {name!r}", {"slots", "required", "confirm", "action", "done"})
+    spec = check_mapping(spec, f"{where}: intent {name!r}", {"slots", "required", "confirm", "action", "done"})
     slots = _str_list(spec.get("slots", []), f"{where}: intent {name!r} slots")
     required = _str_list(spec.get("required", slots), f"{where}: intent {name!r} required")
     for slot in [*slots, *required]:
@@ -115,28 +105,23 @@ def _task(name: str, spec, prompts: dict, where: str) -> Task:
 def load_domain(path) -> Domain:
     """Parse and check a domain file; every problem is one LlmkitError naming the file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LlmkitError(f"no such domain file: {path}") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise LlmkitError(f"cannot read domain file {path}: {str(e).splitlines()[0]}") from None
-    raw = _mapping(raw, str(path), {"name", "slots", "intents", "acts", "replies", "reply"})
+    raw = read_yaml(path, "domain file")
+    raw = check_mapping(raw, str(path), {"name", "slots", "intents", "acts", "replies", "reply"})
     if raw.get("reply", "template") not in REPLY_KINDS:
         raise LlmkitError(f"{path}: reply must be template or chat, got {raw['reply']!r}")
-    slots = _mapping(raw.get("slots"), f"{path}: slots")
+    slots = check_mapping(raw.get("slots"), f"{path}: slots")
     prompts = {}
     for slot, spec in slots.items():
-        prompt = _mapping(spec, f"{path}: slot {slot!r}", {"prompt"}).get("prompt")
+        prompt = check_mapping(spec, f"{path}: slot {slot!r}", {"prompt"}).get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise LlmkitError(f"{path}: slot {slot!r} needs a prompt (the question that asks for it)")
         prompts[str(slot)] = prompt
-    intents = _mapping(raw.get("intents"), f"{path}: intents")
+    intents = check_mapping(raw.get("intents"), f"{path}: intents")
     if not intents:
         raise LlmkitError(f"{path}: no intents")
     tasks = {str(name): _task(str(name), spec, prompts, str(path)) for name, spec in intents.items()}
-    acts = {str(k): str(v) for k, v in _mapping(raw.get("acts", {}), f"{path}: acts", set(ACTS)).items()}
-    replies = {**DEFAULT_REPLIES, **_mapping(raw.get("replies", {}), f"{path}: replies", set(DEFAULT_REPLIES))}
+    acts = {str(k): str(v) for k, v in check_mapping(raw.get("acts", {}), f"{path}: acts", set(ACTS)).items()}
+    replies = {**DEFAULT_REPLIES, **check_mapping(raw.get("replies", {}), f"{path}: replies", set(DEFAULT_REPLIES))}
     clash = sorted(set(tasks) & set(acts.values()))
     if clash:
         raise LlmkitError(f"{path}: intent {clash[0]!r} is both a task and a dialogue act")

@@ -205,7 +205,7 @@ def predict_cmd(
                                      help="JSONL ({text}, {tokens} or {text, text_pair}; gold label/tags "
                                           "optional) or .txt lines (pairs: text<TAB>text_pair)"),
     model: str = typer.Option(..., "--model", help="a model fine-tuned with `llmkit finetune --task "
-                                                   "classify|tag|intent-slots|pair`"),
+                                                   "classify|tag|intent-slots|pair|multi`"),
     out: str = typer.Option(None, "--out", "-o", help="output JSONL (default: stdout)"),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
@@ -327,13 +327,13 @@ def _predict_multi(model_path: str, input_file: str, out: str | None, batch_size
     """`predict` with a multi-task model: the label of each pair (a pair head), or intent, tags and slot
     values per line (a joint intent-slots model)."""
     from llmkit.io.encoders import load_encoder
-    from llmkit.train.multitask import run_predict_joint
+    from llmkit.train.multitask import is_intent_slots, run_predict_joint
     from llmkit.train.pair import has_pair_head, run_predict_pairs
     from llmkit.train.tasks import format_metrics
     from llmkit.utils import atomic_open
 
     net, tokenizer = load_encoder(model_path, device)
-    if has_pair_head(net):
+    if has_pair_head(net) and (not is_intent_slots(net) or _holds_pairs(input_file)):
         lines, metrics = run_predict_pairs(net, tokenizer, input_file, batch_size)
         shown = metrics and format_metrics(metrics)
     else:
@@ -347,6 +347,23 @@ def _predict_multi(model_path: str, input_file: str, out: str | None, batch_size
             f.writelines(lines)
     if metrics is not None:
         print(f"{metrics['examples']} labelled examples: {shown}", file=sys.stderr)
+
+
+def _holds_pairs(input_file: str) -> bool:
+    """Whether a model with a pair head and intent-slots heads should read `input_file` as pairs: its
+    first line has a tab (.txt) or a "text_pair" field (JSONL)."""
+    import json
+
+    from llmkit.io.encoders import read_lines
+
+    first = read_lines(input_file)[0]
+    if input_file.endswith(".txt"):
+        return "\t" in first
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "text_pair" in record
 
 
 def _read_prompts(prompt_file: str) -> list[str]:

@@ -150,6 +150,8 @@ FINETUNE_TASKS = {"classify": "sequence classification, JSONL {text, label}",
                   "pair": "sentence-pair classification (paraphrase, entailment, relevance), "
                           "JSONL {text, text_pair, label}",
                   "qa": "extractive question answering (a span head), SQuAD-style JSONL {context, question, answers}",
+                  "multi": "several of intent-slots, pair and qa on one encoder, trained jointly: DATA is a YAML "
+                           "mixture file listing each part's task, train/val files and loss weight",
                   "sft": "chat fine-tuning of a decoder (full or --lora), JSONL {messages: [{role, content}, ...]}"}
 
 
@@ -216,18 +218,19 @@ def finetune_cmd(
                            log=lambda line: print(line, file=sys.stderr))
         print(f"{format_metrics(metrics) or 'no validation data'}; model saved to {out}")
         return
-    if task in ("intent-slots", "pair", "qa"):  # multi-task encoder recipes: named heads over one encoder
+    if task in ("intent-slots", "pair", "qa", "multi"):  # multi-task encoder recipes: named heads, one encoder
+        from llmkit.train.joint import Part, read_mixture, train_parts
         from llmkit.train.tasks import FinetuneConfig
-        from llmkit.train.multitask import finetune_intent_slots
-        from llmkit.train.pair import finetune_pair
-        from llmkit.train.qa import finetune_qa
 
-        run, keys = {"intent-slots": (finetune_intent_slots, ("intent_accuracy", "slot_f1")),
-                     "pair": (finetune_pair, ("accuracy", "macro_f1")),
-                     "qa": (finetune_qa, ("exact_match", "f1"))}[task]
+        if task == "multi" and val is not None:
+            raise LlmkitError("--task multi takes each part's validation file from the mixture file, not --val")
+        parts = read_mixture(data) if task == "multi" else [Part(task, data, val)]
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device)
-        metrics = run(model, data, out, val_path=val, config=config, log=lambda line: print(line, file=sys.stderr))
-        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+        metrics = train_parts(model, parts, out, config, log=lambda line: print(line, file=sys.stderr))
+        keys = {"intent-slots": ("intent_accuracy", "slot_f1"), "pair": ("accuracy", "macro_f1"),
+                "qa": ("exact_match", "f1")}
+        shown = "  ".join(f"{name} {metrics[name]:.4f}" for p in parts for k in keys[p.task]
+                          for name in [k if len(parts) == 1 else f"{p.task}/{k}"] if name in metrics)
         print(f"{shown or 'no validation data'}; model saved to {out}")
         return
     raise LlmkitError(f"unknown --task {task!r}; choose from {', '.join(FINETUNE_TASKS)}")

@@ -4,7 +4,8 @@ Intent-slots data is JSONL, one utterance per line, with both labels:
   {"tokens": ["table", "for", "4", "at", "7pm"], "tags": ["O", "O", "B-people", "O", "B-time"], "label": "book_table"}
 (a "text" field may sit beside them, so the same file also trains the single-task classify model).
 One model holds an intent head (classify, pooled) and a slot head (tag, per word's first sub-word);
-the loss is intent_weight * CE(intent) + slot_weight * CE(slots). `predict` gives both at once.
+the loss is CE(intent) + CE(slots) (train/joint.py, which also trains them beside other tasks' heads).
+`predict` gives both at once.
 """
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-from llmkit.io.encoders import length_sorted_batches, load_encoder, pad_batch, read_lines, save_encoder
+from llmkit.io.encoders import length_sorted_batches, pad_batch, read_lines
 from llmkit.errors import LlmkitError
 from llmkit.eval.metrics import accuracy, bio_spans, entity_scores
-from llmkit.model.heads import MultiTaskEncoder, multitask_from
-from llmkit.train.tasks import (Example, FinetuneConfig, _parse, _split, check_labels, encode_examples, fit,
-                                label_list)
+from llmkit.model.heads import MultiTaskEncoder
+from llmkit.train.tasks import (Example, FinetuneConfig, _parse, _split, check_labels, encode_examples, label_list)
 
 INTENT, SLOTS = "intent", "slots"
 
@@ -56,45 +56,43 @@ def _labels(rows, intents: list[str], slots: list[str]) -> None:
 # ---- intent + slots -----------------------------------------------------------------------------
 
 def finetune_intent_slots(base: str, train_path, out_dir, val_path=None, config: FinetuneConfig | None = None,
-                          intent_weight: float = 1.0, slot_weight: float = 1.0, log=print) -> dict:
+                          log=print) -> dict:
     """Fine-tune `base` with an intent head and a slot head, jointly; save to out_dir; return val metrics."""
-    cfg = config or FinetuneConfig()
-    train = read_joint(train_path)
-    val = read_joint(val_path) if val_path is not None else None
+    from llmkit.train.joint import Part, train_parts
+
+    return train_parts(base, [Part("intent-slots", train_path, val_path)], out_dir, config, log)
+
+
+def intent_slots_data(part, tokenizer, cfg: FinetuneConfig, max_length: int):
+    """The intent and slot heads, one row per utterance with both targets, and the joint scores (joint.py)."""
+    from llmkit.train.joint import TaskData
+
+    train = read_joint(part.train)
+    val = read_joint(part.val) if part.val is not None else None
     if val is None:
         train, val = _split(train, cfg.val_fraction, cfg.seed)
     intents = label_list([Example(e.inputs, label, e.where) for e, label in train], "classify")
     slots = label_list([e for e, _ in train], "tag")
     _labels(val, intents, slots)
-    base_model, tokenizer = load_encoder(base, cfg.device)
-    torch.manual_seed(cfg.seed)  # the heads' init
-    heads = {INTENT: {"kind": "classify", "labels": intents, "weight": intent_weight},
-             SLOTS: {"kind": "tag", "labels": slots, "weight": slot_weight}}
-    model = multitask_from(base_model, heads)
-    del base_model
+    heads = {INTENT: {"kind": "classify", "labels": intents, "weight": part.weight},
+             SLOTS: {"kind": "tag", "labels": slots, "weight": part.weight}}
     features = encode_examples(tokenizer, [e for e, _ in train], "tag", slots)
-    intent_ids = [intents.index(label) for _, label in train]
-    pad = model.config.pad_token_id
+    rows = [(ids, None, {INTENT: intents.index(label), SLOTS: tags})
+            for (ids, tags, _), (_, label) in zip(features, train)]
 
-    def batch(idx):
-        ids, mask = pad_batch([features[i][0] for i in idx], pad)
-        tags = pad_batch([features[i][1] for i in idx], -100)[0]
-        return {"input_ids": ids, "attention_mask": mask,
-                "targets": {INTENT: torch.tensor([intent_ids[i] for i in idx]), SLOTS: tags}}
-
-    first = [True]
-
-    def evaluate():
-        warn, first[0] = first[0], False
+    def evaluate(model, warn: bool) -> dict:
         return score_joint(val, predict_joint(model, tokenizer, [e for e, _ in val], warn=warn)) if val else {}
 
-    metrics = fit(model, len(features), batch, cfg, out_dir, evaluate, log)
-    save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
-    return metrics
+    return TaskData(heads, rows, evaluate)
+
+
+def is_intent_slots(model) -> bool:
+    """An intent head and a slot head (beside them a multi-task model may have others)."""
+    return isinstance(model, MultiTaskEncoder) and {INTENT, SLOTS} <= set(model.head_specs)
 
 
 def check_joint(model) -> None:
-    if not isinstance(model, MultiTaskEncoder) or set(model.head_specs) != {INTENT, SLOTS}:
+    if not is_intent_slots(model):
         raise LlmkitError("this model is not a joint intent-slots model; train one with "
                           "`llmkit finetune --task intent-slots`")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.io.encoders import length_sorted_batches, load_encoder, pad_batch, read_lines, save_encoder, tokenize
-from llmkit.model.heads import MultiTaskEncoder, multitask_from
-from llmkit.train.tasks import Example, FinetuneConfig, _split, check_labels, fit, label_list, score
+from llmkit.io.encoders import length_sorted_batches, pad_batch, read_lines, tokenize
+from llmkit.model.heads import MultiTaskEncoder
+from llmkit.train.tasks import Example, FinetuneConfig, _split, check_labels, label_list, score
 
 PAIR = "pair"                      # the head's name in the MultiTaskEncoder
 
@@ -70,33 +70,28 @@ def pair_batch(features, idx: list[int], pad_id: int) -> dict:
 def finetune_pair(base: str, train_path, out_dir, val_path=None, config: FinetuneConfig | None = None,
                   log=print) -> dict:
     """Fine-tune `base` with a pair head; save to out_dir; return accuracy and macro-F1 on the validation set."""
-    cfg = config or FinetuneConfig()
-    train = read_pair_examples(train_path)
-    val = read_pair_examples(val_path) if val_path is not None else None
+    from llmkit.train.joint import Part, train_parts
+
+    return train_parts(base, [Part("pair", train_path, val_path)], out_dir, config, log)
+
+
+def pair_data(part, tokenizer, cfg: FinetuneConfig, max_length: int):
+    """The pair head, one row per pair (ids, token types, label), and accuracy / macro-F1 (train/joint.py)."""
+    from llmkit.train.joint import TaskData
+
+    train = read_pair_examples(part.train)
+    val = read_pair_examples(part.val) if part.val is not None else None
     if val is None:
         train, val = _split(train, cfg.val_fraction, cfg.seed)
     labels = label_list(train, "classify")
     check_labels(val, labels)
-    base_model, tokenizer = load_encoder(base, cfg.device)
-    torch.manual_seed(cfg.seed)  # the head's init
-    model = multitask_from(base_model, {PAIR: {"kind": "pair", "labels": labels}})
-    del base_model
     features = encode_pairs(tokenizer, train)
-    targets = [labels.index(e.gold) for e in train]
+    rows = [(ids, types, {PAIR: labels.index(e.gold)}) for (ids, types), e in zip(features, train)]
 
-    def batch(idx):
-        return {**pair_batch(features, idx, model.config.pad_token_id), "targets": {PAIR: torch.tensor(
-            [targets[i] for i in idx])}}
-
-    first = [True]
-
-    def evaluate():
-        warn, first[0] = first[0], False
+    def evaluate(model, warn: bool) -> dict:
         return score("classify", val, predict_pairs(model, tokenizer, val, warn=warn)) if val else {}
 
-    metrics = fit(model, len(features), batch, cfg, out_dir, evaluate, log)
-    save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
-    return metrics
+    return TaskData({PAIR: {"kind": "pair", "labels": labels, "weight": part.weight}}, rows, evaluate)
 
 
 def has_pair_head(model) -> bool:

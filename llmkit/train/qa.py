@@ -5,39 +5,35 @@ trained to point at position 0 (BERT's SQuAD recipe), and prediction only reads 
 """
 from __future__ import annotations
 
-import torch
-
-from llmkit.apps.qa import ANSWER, DEFAULT_STRIDE, batch_windows, predict_answers, qa_scores, read_qa, windows
-from llmkit.io.encoders import load_encoder, save_encoder
-from llmkit.model.heads import MultiTaskEncoder, multitask_from
-from llmkit.train.tasks import FinetuneConfig, _split, fit
+from llmkit.apps.qa import ANSWER, DEFAULT_STRIDE, predict_answers, qa_scores, read_qa, windows
+from llmkit.io.encoders import load_encoder
+from llmkit.model.heads import MultiTaskEncoder
+from llmkit.train.tasks import FinetuneConfig, _split
 
 
 def finetune_qa(base: str, train_path, out_dir, val_path=None, config: FinetuneConfig | None = None,
                 stride: int = DEFAULT_STRIDE, log=print) -> dict:
     """Fine-tune `base` for span QA on SQuAD-style JSONL; save to out_dir; return EM/F1 on the validation set."""
-    cfg = config or FinetuneConfig()
-    train = read_qa(train_path)
-    val = read_qa(val_path) if val_path is not None else None
+    from llmkit.train.joint import Part, train_parts
+
+    return train_parts(base, [Part("qa", train_path, val_path, stride=stride)], out_dir, config, log)
+
+
+def qa_data(part, tokenizer, cfg: FinetuneConfig, max_length: int):
+    """The span head, one row per window (ids, token types, answer token span), and EM / F1 (train/joint.py)."""
+    from llmkit.train.joint import TaskData
+
+    stride = DEFAULT_STRIDE if part.stride is None else part.stride
+    train = read_qa(part.train)
+    val = read_qa(part.val) if part.val is not None else None
     if val is None:
         train, val = _split(train, cfg.val_fraction, cfg.seed)
-    base_model, tokenizer = load_encoder(base, cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = multitask_from(base_model, {ANSWER: {"kind": "span"}})
-    del base_model
-    rows = windows(tokenizer, train, model.config.max_length, stride)
-    pad = model.config.pad_token_id
+    rows = [(w.ids, w.type_ids, {ANSWER: w.target}) for w in windows(tokenizer, train, max_length, stride)]
 
-    def batch(idx):
-        items = [rows[i] for i in idx]
-        return {**batch_windows(items, pad), "targets": {ANSWER: torch.tensor([w.target for w in items])}}
-
-    def evaluate():
+    def evaluate(model, warn: bool) -> dict:
         return qa_scores(val, predict_answers(model, tokenizer, val, stride)) if val else {}
 
-    metrics = fit(model, len(rows), batch, cfg, out_dir, evaluate, log)
-    save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics}})
-    return metrics
+    return TaskData({ANSWER: {"kind": "span", "weight": part.weight}}, rows, evaluate)
 
 
 def evaluate_qa(model_path, data_path, stride: int = DEFAULT_STRIDE, device: str = "cpu") -> dict:
