@@ -6,8 +6,9 @@
    `inference_encoder`, what `llmkit embed` runs) and by `build_index` on the same engine (what `llmkit index`
    runs: chunking + that embedding + writing the index), all-MiniLM-L6-v2, rounds alternating, best of 3;
    chunks/s each, and `build_index` on the plain model (no CPU routes), as `index` ran before.
-2. Search: unit vectors (384 dims) in a flat index of 10k and 100k chunks; per-question top-5 latency of a
-   NumPy inner product + partial sort (llmkit without faiss-cpu) and of faiss IndexFlatIP (llmkit's Index).
+2. Search: unit vectors (384 dims) in a flat index of 10k and 100k chunks; per-question top-10 latency of
+   the NumPy inner product + partial sort (llmkit's Index) and of faiss IndexFlatIP (faiss-cpu, a
+   benchmark-only dependency here), at 1 and 2 threads with all thread pools pinned alike.
 3. `ask` retrieval on a 10k-chunk index (embedding the question + the top-4 search): in this process, warm,
    median of 20; and as users run it, `llmkit ask --retrieve-only` in a fresh process each time (the question
    is that process's first), the time it reports for its retrieval, and its whole run.
@@ -89,27 +90,44 @@ def indexing(n_chunks: int) -> None:
     print("".join(f"{f'{max(r)[0]:.1f} ({max(r, key=lambda x: x[1])[1]:.1f})':>24}" for r in rates.values()))
 
 
-def search(sizes=(10_000, 100_000), dim: int = 384, k: int = 5) -> None:
-    from llmkit.apps.retrieval import Index, flat_index
+def search(sizes=(10_000, 100_000), dim: int = 384, k: int = 10, thread_counts=(1, 2), rounds: int = 5) -> None:
+    """NumPy's matrix product + partial sort against faiss's IndexFlatIP, one question at a time, with
+    every thread pool pinned to the same count: torch's OpenMP, faiss's own OpenMP (a second libgomp) and
+    both OpenBLAS copies (threadpoolctl). Warm: 5 questions before timing; rounds alternate the two."""
+    from threadpoolctl import threadpool_limits
 
+    from llmkit.apps.retrieval import top_k
+
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
     rng = np.random.default_rng(0)
-    print(f"\n2. top-{k} search, one question at a time, ms per question (median of 50): wall / CPU")
-    print(f"{'chunks':>8}{'numpy matrix':>18}{'faiss FlatIP':>18}")
+    print(f"\n2. top-{k} search of {dim}-dim unit vectors, one question at a time: ms per question, median of "
+          f"{rounds} rounds x 20 questions, wall / CPU")
+    print(f"{'threads':>8}{'chunks':>9}{'numpy matrix':>18}{'faiss FlatIP':>18}")
     for n in sizes:
         vectors = unit_vectors(rng, n, dim)
-        index = Index.__new__(Index)  # in memory: the search `ask` runs
-        index.vectors, index.chunks = vectors, [{"doc": str(i), "chunk": 0, "text": ""} for i in range(n)]
-        queries = unit_vectors(rng, 50, dim)
-        it = iter(range(10**9))
-
-        def per_question() -> str:
-            wall, cpu = timed(lambda: index.search(queries[next(it) % 50][None], k), 50)
-            return f"{wall * 1e3:.2f} / {cpu * 1e3:.2f}"
-
-        index.flat = None
-        numpy_time = per_question()
-        index.flat = flat_index(vectors)  # None without faiss-cpu
-        print(f"{n:>8}{numpy_time:>18}{per_question() if index.flat is not None else 'n/a':>18}")
+        flat = None
+        if faiss is not None:
+            flat = faiss.IndexFlatIP(dim)
+            flat.add(vectors)
+        queries = unit_vectors(rng, 20, dim)
+        runs = {"numpy": lambda q: top_k(vectors, q, k)} | ({"faiss": lambda q: flat.search(q, k)} if flat is not None else {})
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            if faiss is not None:
+                faiss.omp_set_num_threads(threads)
+            times = {name: [] for name in ("numpy", "faiss")}
+            with threadpool_limits(threads):
+                for r in range(rounds + 1):  # round 0 warms both up and is not counted
+                    for name, run in runs.items():
+                        wall, cpu = timed(lambda qs=iter(queries): run(next(qs)[None]), 20)
+                        if r:
+                            times[name].append((wall, cpu))
+            shown = [f"{statistics.median(w for w, _ in t) * 1e3:.2f} / {statistics.median(c for _, c in t) * 1e3:.2f}"
+                     if t else "n/a" for t in times.values()]
+            print(f"{threads:>8}{n:>9}{shown[0]:>18}{shown[1]:>18}")
 
 
 def unit_vectors(rng, n: int, dim: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import BOOKING_TEST, BOOKING_TRAIN, joint_model
-from conftest import run_cli
+from conftest import run_cli, write_jsonl
 from llmkit.io.encoders import load_encoder, save_encoder
 from llmkit.errors import LlmkitError
 from llmkit.model.encoder import EncoderConfig
@@ -197,6 +197,9 @@ def test_heads_trained_jointly_reach_stated_scores(mixed_model, monkeypatch, cap
     code, out, err = run_cli(monkeypatch, capsys, "predict", BOOKING_TEST, "--model", model)
     assert code == 0 and f"intent_accuracy {scores['intent-slots/intent_accuracy']:.4f}" in err, err
     assert "slots" in json.loads(out.splitlines()[0])
+    qa = write_jsonl(model.parent / "qa.jsonl", [{"context": "Casa Verde opens at 6pm.", "question": "When?"}])
+    code, _, err = run_cli(monkeypatch, capsys, "predict", qa, "--model", model)
+    assert code == 1 and "holds qa examples, but this model has no qa heads (it has intent, slots, pair)" in err
 
 
 @pytest.mark.parametrize("parts,message", [

@@ -82,6 +82,17 @@ def test_span_head_learns_and_eval_scores_it(base, tmp_path, monkeypatch, capsys
     assert metrics["exact_match"] >= QA_MIN_EXACT_MATCH, metrics
     code, out, _ = run_cli(monkeypatch, capsys, "eval", "--model", tmp_path / "qa", "--qa", dev, "--json")
     assert code == 0 and json.loads(out)["exact_match"] >= QA_MIN_EXACT_MATCH
+    code, _, err = run_cli(monkeypatch, capsys, "predict", dev, "--model", tmp_path / "qa", "-o", tmp_path / "p.jsonl")
+    assert code == 0 and f"40 labelled examples: exact_match {metrics['exact_match']:.2f}" in err, err
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows[0]["question"] == "what is the code?" and rows[0]["answer"] in CODES
+    unlabelled = write_jsonl(tmp_path / "q.jsonl", [{"context": "we talked. the code is comet.", "question": "what is "
+                                                     "the code?"}])
+    code, out, err = run_cli(monkeypatch, capsys, "predict", unlabelled, "--model", tmp_path / "qa")
+    assert code == 0 and json.loads(out)["answer"] in CODES and "labelled" not in err
+    code, _, err = run_cli(monkeypatch, capsys, "predict", write_jsonl(tmp_path / "pairs.jsonl", [
+        {"text": "a", "text_pair": "b"}]), "--model", tmp_path / "qa")
+    assert code == 1 and "holds pair examples, but this model has no pair heads (it has answer)" in err
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"context": "abc", "question": "q", "answers": [
         {"text": "abd", "answer_start": 0}]}])
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--model", tmp_path / "qa", "--qa", bad)

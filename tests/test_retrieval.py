@@ -58,8 +58,12 @@ def test_index_and_ask(index, monkeypatch, capsys):
     idx = Index(index / "idx")
     assert idx.meta["model"] == "all-minilm-l6-v2" and idx.vectors.shape[1] == 384
     assert np.allclose(np.linalg.norm(idx.vectors, axis=1), 1, atol=1e-5)
+    # `index` embeds on `embed`'s path (engine, batches, length sorting): the same chunks give the same bits
+    (index / "chunks.txt").write_text("".join(c["text"] + "\n" for c in idx.chunks))
+    code, _, _ = run_cli(monkeypatch, capsys, "embed", index / "chunks.txt", "--out", index / "chunks.npy")
+    assert code == 0 and np.array_equal(np.load(index / "chunks.npy"), idx.vectors)
     model, tokenizer = load_encoder("all-minilm-l6-v2")
-    from llmkit.infer.embed import embed_texts  # the index holds exactly what `embed` gives for each chunk
+    from llmkit.infer.embed import embed_texts  # and what the plain model (no CPU routes) gives, within rounding
     assert np.allclose(embed_texts(model, tokenizer, [idx.chunks[3]["text"]])[0], idx.vectors[3], atol=1e-5)
 
     code, out, _ = run_cli(monkeypatch, capsys, "ask", "--index", index / "idx", "--eval", index / "questions.jsonl")

@@ -137,12 +137,18 @@ class Index:
         if getattr(self, "flat", None) is not None:
             scores, top = self.flat.search(queries, k)                          # best first
         else:
-            full = queries @ self.vectors.T                                      # (Q, N)
-            top = np.argpartition(-full, k - 1, axis=1)[:, :k]                   # unordered top k, O(N)
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(full, top, 1), axis=1), 1)
-            scores = np.take_along_axis(full, top, 1)
+            scores, top = top_k(self.vectors, queries, k)
         return [[Hit(float(s), self.chunks[i]["doc"], self.chunks[i]["chunk"], self.chunks[i]["text"])
                  for s, i in zip(row_scores, row)] for row_scores, row in zip(scores, top)]
+
+
+def top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row numbers), (Q, k) each, best first: the k rows of `vectors` with the largest inner
+    product with each query. One matrix product, then a partial sort (O(N)) and a sort of the k."""
+    full = queries @ vectors.T                                                   # (Q, N)
+    top = np.argpartition(-full, k - 1, axis=1)[:, :k]                           # unordered top k
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(full, top, 1), axis=1), 1)
+    return np.take_along_axis(full, top, 1), top
 
 
 def flat_index(vectors: np.ndarray):

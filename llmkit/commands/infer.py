@@ -202,16 +202,17 @@ def embed_cmd(
 @app.command("predict", epilog=epilog("predict"))
 def predict_cmd(
     input_file: str = typer.Argument(..., metavar="FILE",
-                                     help="JSONL ({text}, {tokens} or {text, text_pair}; gold label/tags "
-                                          "optional) or .txt lines (pairs: text<TAB>text_pair)"),
+                                     help="JSONL ({text}, {tokens}, {text, text_pair} or {context, question}; "
+                                          "gold labels/tags/answers optional) or .txt lines (pairs: "
+                                          "text<TAB>text_pair)"),
     model: str = typer.Option(..., "--model", help="a model fine-tuned with `llmkit finetune --task "
-                                                   "classify|tag|intent-slots|pair|multi`"),
+                                                   "classify|tag|intent-slots|pair|qa|multi`"),
     out: str = typer.Option(None, "--out", "-o", help="output JSONL (default: stdout)"),
     batch_size: int = typer.Option(32, "--batch-size"),
     device: str = typer.Option("cpu", "--device"),
 ):
-    """Predict a label per text (classify) or pair (pair), tags per word (tag), or both (intent-slots); scores
-    the predictions when gold is given."""
+    """Predict a label per text (classify) or pair (pair), tags per word (tag), both (intent-slots), or an
+    answer span per question (qa); scores the predictions when gold is given."""
     from llmkit.train.multitask import is_joint
     from llmkit.train.tasks import format_metrics, run_predict
 
@@ -324,46 +325,20 @@ def ask_cmd(
 
 
 def _predict_multi(model_path: str, input_file: str, out: str | None, batch_size: int, device: str) -> None:
-    """`predict` with a multi-task model: the label of each pair (a pair head), or intent, tags and slot
-    values per line (a joint intent-slots model)."""
+    """`predict` with a multi-task model: the head that answers follows the input (train/joint.py)."""
     from llmkit.io.encoders import load_encoder
-    from llmkit.train.multitask import is_intent_slots, run_predict_joint
-    from llmkit.train.pair import has_pair_head, run_predict_pairs
-    from llmkit.train.tasks import format_metrics
+    from llmkit.train.joint import predict_multi
     from llmkit.utils import atomic_open
 
     net, tokenizer = load_encoder(model_path, device)
-    if has_pair_head(net) and (not is_intent_slots(net) or _holds_pairs(input_file)):
-        lines, metrics = run_predict_pairs(net, tokenizer, input_file, batch_size)
-        shown = metrics and format_metrics(metrics)
-    else:
-        lines, metrics = run_predict_joint(net, tokenizer, input_file)
-        shown = metrics and (f"intent_accuracy {metrics['intent_accuracy']:.4f}  "
-                             f"slot_f1 {metrics['slot_f1']:.4f}")
+    lines, metrics = predict_multi(net, tokenizer, input_file, batch_size)
     if out is None:
         sys.stdout.writelines(lines)
     else:
         with atomic_open(out, encoding="utf-8") as f:
             f.writelines(lines)
     if metrics is not None:
-        print(f"{metrics['examples']} labelled examples: {shown}", file=sys.stderr)
-
-
-def _holds_pairs(input_file: str) -> bool:
-    """Whether a model with a pair head and intent-slots heads should read `input_file` as pairs: its
-    first line has a tab (.txt) or a "text_pair" field (JSONL)."""
-    import json
-
-    from llmkit.io.encoders import read_lines
-
-    first = read_lines(input_file)[0]
-    if input_file.endswith(".txt"):
-        return "\t" in first
-    try:
-        record = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(record, dict) and "text_pair" in record
+        print(f"{metrics['examples']} labelled examples: {metrics['shown']}", file=sys.stderr)
 
 
 def _read_prompts(prompt_file: str) -> list[str]:

@@ -133,3 +133,55 @@ def train_parts(base: str, parts: list[Part], out_dir, config: FinetuneConfig | 
     mixture = [{"task": p.task, "train": str(p.train), "weight": p.weight} for p in parts]
     save_encoder(out_dir, model, tokenizer, extra={"base": str(base), "finetune": {"val": metrics, "parts": mixture}})
     return metrics
+
+
+# ---- predicting with a multi-task model ---------------------------------------------------------
+
+def input_task(model, path) -> str:
+    """Which of the model's tasks reads the file at `path`: qa for {context, question} records, pair for
+    {text, text_pair} (or .txt lines with a tab), intent-slots otherwise; one clear error if the model
+    lacks that task's heads."""
+    import json
+
+    from llmkit.apps.qa import ANSWER
+    from llmkit.io.encoders import read_lines
+    from llmkit.train.multitask import is_intent_slots
+    from llmkit.train.pair import has_pair_head
+
+    first = read_lines(path)[0]
+    try:
+        record = json.loads(first) if not str(path).endswith(".txt") else {}
+    except ValueError:
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    if "context" in record or "question" in record:
+        task, present = "qa", ANSWER in model.head_specs
+    elif "text_pair" in record or (str(path).endswith(".txt") and "\t" in first):
+        task, present = "pair", has_pair_head(model)
+    else:
+        task, present = "intent-slots", is_intent_slots(model)
+    if not present:
+        raise LlmkitError(f"{path} holds {task} examples, but this model has no {task} heads (it has "
+                          f"{', '.join(model.head_specs)}); train them with `llmkit finetune --task {task}`")
+    return task
+
+
+def predict_multi(model, tokenizer, path, batch_size: int = 32) -> tuple[list[str], dict | None]:
+    """`llmkit predict` on a multi-task model: JSONL lines from the head the input is for, and, when the
+    input has gold labels, the scores (with "shown", their one-line summary)."""
+    from llmkit.train.multitask import run_predict_joint
+    from llmkit.train.pair import run_predict_pairs
+    from llmkit.train.qa import run_predict_qa
+    from llmkit.train.tasks import format_metrics
+
+    task = input_task(model, path)
+    if task == "qa":
+        lines, metrics = run_predict_qa(model, tokenizer, path, batch_size)
+        shown = metrics and f"exact_match {metrics['exact_match']:.2f}  f1 {metrics['f1']:.2f}"
+    elif task == "pair":
+        lines, metrics = run_predict_pairs(model, tokenizer, path, batch_size)
+        shown = metrics and format_metrics(metrics)
+    else:
+        lines, metrics = run_predict_joint(model, tokenizer, path)
+        shown = metrics and f"intent_accuracy {metrics['intent_accuracy']:.4f}  slot_f1 {metrics['slot_f1']:.4f}"
+    return lines, (None if metrics is None else {**metrics, "shown": shown})

@@ -46,3 +46,15 @@ def evaluate_qa(model_path, data_path, stride: int = DEFAULT_STRIDE, device: str
     examples = read_qa(data_path)
     preds = predict_answers(model, tokenizer, examples, stride)
     return {**qa_scores(examples, preds), "predictions": preds}
+
+
+def run_predict_qa(model, tokenizer, input_path, batch_size: int = 32) -> tuple[list[str], dict | None]:
+    """`llmkit predict` on a QA model: {"id", "question", "answer", "score"} lines; EM / F1 when every
+    question has gold answers."""
+    import json
+
+    examples = read_qa(input_path, need_answers=False)
+    preds = predict_answers(model, tokenizer, examples, batch_size=batch_size)
+    lines = [json.dumps({"id": p["id"], "question": e.question, "answer": p["answer"], "score": p["score"]},
+                        ensure_ascii=False) + "\n" for e, p in zip(examples, preds)]
+    return lines, (qa_scores(examples, preds) if all(e.answers for e in examples) else None)
