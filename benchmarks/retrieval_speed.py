@@ -4,8 +4,9 @@
 
 1. Indexing: the same pydoc_data.topics chunks (80 words) embedded by `embed`'s engine (`embed_texts` on
    `inference_encoder`, what `llmkit embed` runs) and by `build_index` on the same engine (what `llmkit index`
-   runs: chunking + that embedding + writing the index), all-MiniLM-L6-v2, rounds alternating, best of 3;
-   chunks/s each, and `build_index` on the plain model (no CPU routes), as `index` ran before.
+   runs: chunking + that embedding + writing the index), all-MiniLM-L6-v2, rounds alternating; chunks/s
+   each (median, best, every round). Then `llmkit embed` on those chunks (one per line) against `llmkit
+   index` on their documents, each in a fresh process (model loading included), rounds alternating.
 2. Search: unit vectors (384 dims) in a flat index of 10k and 100k chunks; per-question top-10 latency of
    the NumPy inner product + partial sort (llmkit's Index) and of faiss IndexFlatIP (faiss-cpu, a
    benchmark-only dependency here), at 1 and 2 threads with all thread pools pinned alike.
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -64,30 +66,70 @@ def pydoc_docs(n_chunks: int) -> list[tuple[str, str]]:
     return docs
 
 
-def indexing(n_chunks: int) -> None:
+def indexing(n_chunks: int, rounds: int = 5) -> None:
+    """Chunks per second of `embed`'s embedding and of `index`'s whole build (chunk + embed + write) on the
+    same chunks, in this process, rounds alternating; then both commands in fresh processes, as users run
+    them (model loading included)."""
     from llmkit.apps.retrieval import build_index, chunk_words
     from llmkit.infer.embed import embed_texts, inference_encoder
-    from llmkit.io.encoders import load_encoder
 
     model, tokenizer = inference_encoder(MODEL)
-    plain, _ = load_encoder(MODEL)
     docs = pydoc_docs(n_chunks)
     texts = [c for _, body in docs for c in chunk_words(body, 80, 15)]
     embed_texts(model, tokenizer, texts[:32])  # warm-up
-    runs = {"embed": lambda: embed_texts(model, tokenizer, texts),
-            "index": lambda: build_index(docs, model, tokenizer, tmp, MODEL),
-            "index, plain model": lambda: build_index(docs, plain, tokenizer, tmp, MODEL)}
-    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(3):
-            for name, run in runs.items():
-                t, c = time.perf_counter(), time.process_time()
-                run()
-                rates[name].append((len(texts) / (time.perf_counter() - t), len(texts) / (time.process_time() - c)))
-    print(f"\n1. embedding {len(texts)} chunks of 80 words, {MODEL}, best of 3: chunks per wall second "
-          "(per CPU second)")
-    print("".join(f"{title:>24}" for title in ("embed (llmkit embed)", "index (llmkit index)", "index before (plain)")))
-    print("".join(f"{f'{max(r)[0]:.1f} ({max(r, key=lambda x: x[1])[1]:.1f})':>24}" for r in rates.values()))
+        runs = {"embed": lambda: embed_texts(model, tokenizer, texts),
+                "index": lambda: build_index(docs, model, tokenizer, tmp, MODEL)}
+        measure_rounds(runs, len(texts), 1)  # a first pass of each, not counted: allocations, page faults
+        rates = measure_rounds(runs, len(texts), rounds)
+        print(f"\n1. {len(texts)} chunks of 80 words, {MODEL}, {rounds} alternating rounds: chunks per wall "
+              "second (per CPU second)")
+        show_rates(rates, "in process: embed_texts (embed) / build_index (index)")
+        cli = [sys.executable, "-m", "llmkit.cli"]
+        Path(tmp, "chunks.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+        Path(tmp, "docs.jsonl").write_text("".join(json.dumps({"id": d, "text": t}) + "\n" for d, t in docs))
+        commands = {"embed": cli + ["embed", f"{tmp}/chunks.txt", "--out", f"{tmp}/chunks.npy"],
+                    "index": cli + ["index", f"{tmp}/docs.jsonl", "--out", f"{tmp}/index"]}
+        rates = measure_rounds({name: lambda c=c: run_command(c) for name, c in commands.items()}, len(texts),
+                               max(2, rounds // 2), children=True)
+        show_rates(rates, "commands, fresh processes (model load included)")
+
+
+def measure_rounds(runs: dict, n: int, rounds: int, children: bool = False) -> dict[str, list[tuple[float, float]]]:
+    """(items per wall second, per CPU second) of each run, per round; the runs alternate within a round."""
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t, c = time.perf_counter(), cpu_seconds(children)
+            run()
+            rates[name].append((n / (time.perf_counter() - t), n / (cpu_seconds(children) - c)))
+    return rates
+
+
+def cpu_seconds(children: bool) -> float:
+    if not children:
+        return time.process_time()
+    usage = os.times()
+    return usage.children_user + usage.children_system
+
+
+def run_command(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "LLMKIT_PROGRESS": "0"})
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command[2:4])} failed: {done.stderr.strip()[-500:]}")
+
+
+def show_rates(rates: dict, title: str) -> None:
+    (embed, index) = rates.values()
+    median = {name: statistics.median(w for w, _ in r) for name, r in rates.items()}
+    cpu = {name: statistics.median(c for _, c in r) for name, r in rates.items()}
+    print(f"  {title}")
+    for name, r in rates.items():
+        print(f"    {name:<6} median {median[name]:6.1f} ({cpu[name]:5.1f})   best {max(w for w, _ in r):6.1f}   "
+              f"rounds {' '.join(f'{w:.1f}' for w, _ in r)}")
+    print(f"    index / embed: {median['index'] / median['embed']:.3f} wall, {cpu['index'] / cpu['embed']:.3f} CPU; "
+          f"per round {' '.join(f'{i[0] / e[0]:.2f}' for e, i in zip(embed, index))}")
 
 
 def search(sizes=(10_000, 100_000), dim: int = 384, k: int = 10, thread_counts=(1, 2), rounds: int = 5) -> None:
@@ -99,9 +141,10 @@ def search(sizes=(10_000, 100_000), dim: int = 384, k: int = 10, thread_counts=(
     from llmkit.apps.retrieval import top_k
 
     try:
-        import faiss
+        import faiss  # faiss-cpu: this benchmark's own dependency (`pip install faiss-cpu`), not llmkit's
     except ImportError:
         faiss = None
+    before = torch.get_num_threads()
     rng = np.random.default_rng(0)
     print(f"\n2. top-{k} search of {dim}-dim unit vectors, one question at a time: ms per question, median of "
           f"{rounds} rounds x 20 questions, wall / CPU")
@@ -113,7 +156,9 @@ def search(sizes=(10_000, 100_000), dim: int = 384, k: int = 10, thread_counts=(
             flat = faiss.IndexFlatIP(dim)
             flat.add(vectors)
         queries = unit_vectors(rng, 20, dim)
-        runs = {"numpy": lambda q: top_k(vectors, q, k)} | ({"faiss": lambda q: flat.search(q, k)} if flat is not None else {})
+        runs = {"numpy": lambda q: top_k(vectors, q, k)}
+        if flat is not None:
+            runs["faiss"] = lambda q: flat.search(q, k)
         for threads in thread_counts:
             torch.set_num_threads(threads)
             if faiss is not None:
@@ -128,6 +173,7 @@ def search(sizes=(10_000, 100_000), dim: int = 384, k: int = 10, thread_counts=(
             shown = [f"{statistics.median(w for w, _ in t) * 1e3:.2f} / {statistics.median(c for _, c in t) * 1e3:.2f}"
                      if t else "n/a" for t in times.values()]
             print(f"{threads:>8}{n:>9}{shown[0]:>18}{shown[1]:>18}")
+    torch.set_num_threads(before)
 
 
 def unit_vectors(rng, n: int, dim: int) -> np.ndarray:

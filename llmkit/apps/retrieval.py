@@ -4,10 +4,14 @@ An index is a directory:
   vectors.npy    (N, D) float32, unit-length chunk embeddings
   chunks.jsonl   {"doc", "chunk", "text"} per row of vectors.npy
   index.json     the embedding model's name and fingerprint, chunking settings, counts (written last)
-Search is exact (flat inner product): faiss's IndexFlatIP, which measures faster than a NumPy matrix product
-and partial sort (benchmarks/retrieval_speed.py: 10k chunks 1.5 vs 7.7 ms CPU, 100k 14 vs 24 ms); NumPy
-when faiss-cpu is not installed, with the same results. A query must be embedded by the very model that
-built the index: the fingerprint (config + a sample of the weights) is checked before any search.
+Search is exact (flat inner product): one NumPy matrix product and a partial sort. faiss's IndexFlatIP
+measured slower for `ask`'s one question at a time (benchmarks/retrieval_speed.py, two runs on a 2-core
+AMD EPYC, AVX2, top-10, warm, every thread pool pinned alike): with 2 threads NumPy 1.2-1.3 ms at 10k
+chunks and 11.5-12.0 ms at 100k, faiss 5.2-5.7 and 20.1-22.2 ms (one query ran on one faiss thread while
+the other spun: twice the CPU); with 1 thread faiss 1.5-1.6 / 19.1-21.2 ms, NumPy 2.6-2.8 / 21.0-22.7.
+One query is a pass over the whole matrix, bound by memory bandwidth, which BLAS spreads over the cores
+and faiss did not. A query must be embedded by the very model that built the index: the fingerprint
+(config + a sample of the weights) is checked before any search.
 """
 from __future__ import annotations
 
@@ -122,7 +126,6 @@ class Index:
         if self.vectors.shape != (len(self.chunks), self.meta.get("dim")):
             raise LlmkitError(f"index {path} is damaged: {self.vectors.shape[0]} vectors for {len(self.chunks)} chunks")
         self.path = path
-        self.flat = flat_index(self.vectors)
 
     def check_model(self, model, model_name: str) -> None:
         if fingerprint(model) != self.meta.get("fingerprint"):
@@ -133,11 +136,7 @@ class Index:
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Top-k chunks by inner product (= cosine: all vectors are unit length), best first, per query."""
         k = min(k, len(self.chunks))
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if getattr(self, "flat", None) is not None:
-            scores, top = self.flat.search(queries, k)                          # best first
-        else:
-            scores, top = top_k(self.vectors, queries, k)
+        scores, top = top_k(self.vectors, np.ascontiguousarray(queries, dtype=np.float32), k)
         return [[Hit(float(s), self.chunks[i]["doc"], self.chunks[i]["chunk"], self.chunks[i]["text"])
                  for s, i in zip(row_scores, row)] for row_scores, row in zip(scores, top)]
 
@@ -149,17 +148,6 @@ def top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     top = np.argpartition(-full, k - 1, axis=1)[:, :k]                           # unordered top k
     top = np.take_along_axis(top, np.argsort(-np.take_along_axis(full, top, 1), axis=1), 1)
     return np.take_along_axis(full, top, 1), top
-
-
-def flat_index(vectors: np.ndarray):
-    """faiss's exact inner-product index over `vectors`, or None without faiss-cpu (NumPy then searches)."""
-    try:
-        import faiss
-    except ImportError:
-        return None
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return flat
 
 
 # ---- asking -------------------------------------------------------------------------------------
