@@ -97,11 +97,14 @@ def test_loss_is_label_smoothed_teacher_forcing(pairs_dir, tmp_path):
 def test_batches_group_pairs_of_similar_length():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 41, size=2000)
+
+    def padded(order):  # tokens in batches of 16, each padded to its longest pair
+        return sum(lengths[b].max() * len(b) for b in order.reshape(-1, 16))
+
     data = PairData([np.zeros(n, np.int32) for n in lengths], [np.zeros(2, np.int32) for _ in lengths])
     sampler = PairSampler(data, 16, seed=3)
     order = sampler._order()
     assert len(order) == len(set(order.tolist())) == 2000 // 16 * 16   # each pair at most once an epoch
-    padded = lambda o: sum(lengths[b].max() * len(b) for b in o.reshape(-1, 16))  # noqa: E731
     assert padded(order) < 0.6 * padded(rng.permutation(2000)[:len(order)])
     again = PairSampler(data, 16, seed=3)
     assert np.array_equal(again._order(), order)                         # (seed, epoch) decide the order
