@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from conftest import read_metrics, train_losses
 from typer.testing import CliRunner
 
 from llmkit.cli import app
-from llmkit.data.pairs import PairSampler, load_pairs, prepare_pairs
+from llmkit.data.pairs import PairData, PairSampler, load_pairs, prepare_pairs
 from llmkit.errors import LlmkitError
 from llmkit.io.checkpoint import load_checkpoint
 from llmkit.tokenizer import Tokenizer
@@ -91,6 +92,25 @@ def test_loss_is_label_smoothed_teacher_forcing(pairs_dir, tmp_path):
     assert torch.allclose(seq2seq_loss(model, x, y, 0.1), expected, atol=1e-6)
     # the schedule: linear warmup to the peak, then lr * sqrt(warmup / step)
     assert [round(inverse_sqrt_lr(s, 1.0, 4), 4) for s in (0, 3, 15)] == [0.25, 1.0, 0.5]
+
+
+def test_batches_group_pairs_of_similar_length():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 41, size=2000)
+
+    def padded(order):  # tokens in batches of 16, each padded to its longest pair
+        return sum(lengths[b].max() * len(b) for b in order.reshape(-1, 16))
+
+    data = PairData([np.zeros(n, np.int32) for n in lengths], [np.zeros(2, np.int32) for _ in lengths])
+    sampler = PairSampler(data, 16, seed=3)
+    order = sampler._order()
+    assert len(order) == len(set(order.tolist())) == 2000 // 16 * 16   # each pair at most once an epoch
+    assert padded(order) < 0.6 * padded(rng.permutation(2000)[:len(order)])
+    again = PairSampler(data, 16, seed=3)
+    assert np.array_equal(again._order(), order)                         # (seed, epoch) decide the order
+    for _ in range(len(order) // 16 + 1):
+        sampler.next_batch()
+    assert sampler.epoch == 1 and not np.array_equal(sampler._order(), order)
 
 
 def test_resume_reproduces_uninterrupted_run(pairs_dir, tmp_path):

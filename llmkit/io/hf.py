@@ -171,13 +171,18 @@ def _llama_state(get: _Source, config: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def load_hf_tokenizer(model_dir: Path, hf_config: dict):
-    """llmkit Tokenizer from tokenizer.json (+ tokenizer_config.json), with generation_config's stop ids."""
+    """llmkit Tokenizer from tokenizer.json (+ tokenizer_config.json), or Marian's source.spm + vocab.json,
+    with generation_config's stop ids."""
     from llmkit.tokenizer import Tokenizer
 
     path = model_dir / "tokenizer.json"
-    if not path.exists():
+    if not path.exists() and (model_dir / "source.spm").exists():  # Marian's SentencePiece models
+        from llmkit.io.spm import marian_tokenizer
+        tok = marian_tokenizer(model_dir)
+    elif not path.exists():
         raise LlmkitError(f"missing tokenizer {path}")
-    tok = Tokenizer.load(path)
+    else:
+        tok = Tokenizer.load(path)
     gen_cfg = read_json(model_dir / "generation_config.json", required=False)
     stops = gen_cfg.get("eos_token_id", hf_config.get("eos_token_id"))
     stops = [i for i in (stops if isinstance(stops, list) else [stops])
