@@ -152,3 +152,22 @@ def test_teacher_cache_is_kept_for_a_resume_and_redone_for_another_teacher(tmp_p
     DistillTrainer(tiny_config(data_dir, out, model={"n_embd": 16}, max_steps=4, eval_interval=0),
                    teacher, tok, top_k=3, resume=True)
     assert calls
+
+
+def test_a_recovery_in_two_calls_ends_where_one_call_does(tmp_path, data_dir, teacher_dir):
+    """The example's chunks: the second call resumes weights, optimizer, sampler and the LR schedule."""
+    from llmkit.io.checkpoint import load_checkpoint
+
+    teacher, tok = load_checkpoint(teacher_dir)
+
+    def run(out, max_steps, resume=False):
+        config = tiny_config(data_dir, out, model={"n_embd": 16}, max_steps=max_steps, lr_decay_steps=6,
+                             eval_interval=0)
+        DistillTrainer(config, teacher, tok, alpha=0.9, top_k=3, resume=resume).fit()
+        return load_checkpoint(out)[0].state_dict()
+
+    whole = run(tmp_path / "one", 6)
+    run(tmp_path / "two", 3)
+    chunked = run(tmp_path / "two", 6, resume=True)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(chunked[name], tensor, rtol=0, atol=1e-6)
