@@ -9,9 +9,10 @@ distilling from the original, on the CPU. Also unstructured 50% sparsity, magnit
    documents is held out; calibration text is the start of the training split;
 3. `llmkit prune --params 90M --layers 24`: the 6 layers whose removal costs least loss go, then the MLP
    is narrowed (least-contributing channels first) until the model fits 90M parameters;
-4. `llmkit distill`: the pruned model learns the original's next-token distributions (KL on the teacher's
-   top-k logits, computed once and cached, plus a little cross-entropy; warmup, then cosine to a tenth of
-   the peak LR) on the pydoc training documents and the start of tinyshakespeare;
+4. `llmkit distill`: the pruned model learns the original's next-token distributions (KL at temperature 1
+   plus a little cross-entropy; warmup, then cosine to a tenth of the peak LR) on the pydoc training
+   documents and the start of tinyshakespeare. The teacher runs beside the student: ~30 minutes see less
+   than one pass over this corpus, where caching its top-k logits (--top-k K) would not pay off;
 5. perplexity on held-out text (the held-out documents, and the end of tinyshakespeare, which no step
    trains on) before pruning, right after, after recovery; greedy answers to a few questions; decode
    speed side by side (benchmarks/prune_speed.py); unstructured 50% magnitude vs Wanda perplexity.
