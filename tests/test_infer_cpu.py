@@ -10,7 +10,8 @@ from conftest import make_data_dir, tiny_config
 from llmkit.infer import kernels
 from llmkit.model.config import ModelConfig
 from llmkit.infer import cpu
-from llmkit.infer.cpu import CpuAttention, CpuEncoderAttention, CpuLinear, CpuRMSNorm, optimize_for_inference
+from llmkit.infer.cpu import (CpuAttention, CpuEncoderAttention, CpuLinear, CpuRMSNorm, optimize_for_inference,
+                              optimize_for_training)
 from llmkit.model.decoder import GPT
 from llmkit.model.encoder import Encoder, EncoderConfig
 from llmkit.model.layers import CausalSelfAttention, RMSNorm
@@ -81,7 +82,7 @@ def test_half_precision_prefill_runs_fp32_gemms_only_without_native_support(monk
     assert (upcast.float() - native.float()).abs().max() < 0.1 * native.float().abs().max()
 
 
-def test_short_sequences_attend_through_matmuls_at_inference_only(monkeypatch):
+def test_short_sequences_attend_through_matmuls_in_inference_and_training(monkeypatch):
     calls = []
     real = cpu.matmul_attention
     monkeypatch.setattr(cpu, "matmul_attention", lambda *a: calls.append(1) or real(*a))
@@ -90,9 +91,15 @@ def test_short_sequences_attend_through_matmuls_at_inference_only(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(fast(idx)[0], plain(idx)[0], atol=1e-5, rtol=1e-5)
     assert len(calls) == 2  # one per layer
-    fast.train()
-    fast(idx, idx)[1].backward()
-    assert len(calls) == 2  # training keeps SDPA
+    # training installs only the attention route: same loss and gradients as SDPA's
+    plain, trained = llama().train(), optimize_for_training(llama()).train()
+    assert {type(b.attn) for b in trained.blocks} == {CpuAttention}
+    assert not any(isinstance(m, (cpu.CpuLinear, cpu.CpuRMSNorm)) for m in trained.modules())
+    plain(idx, idx)[1].backward()
+    trained(idx, idx)[1].backward()
+    assert len(calls) == 4
+    for (name, p), q in zip(plain.named_parameters(), trained.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_encoder_swap_gives_the_same_embeddings(monkeypatch):
@@ -114,16 +121,16 @@ def test_encoder_swap_gives_the_same_embeddings(monkeypatch):
     assert len(calls) == 2
 
 
-def test_training_never_takes_the_inference_routes(tmp_path, monkeypatch):
-    """The Trainer runs (and evaluates) the plain modules: no swap, no kernel call."""
+def test_training_takes_only_the_short_attention_route(tmp_path, monkeypatch):
+    """The Trainer runs (and evaluates) the plain modules but for CpuAttention's matmul route: no
+    kernel call, no CpuLinear or CpuRMSNorm."""
     from llmkit.train.trainer import Trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("inference route taken in training")
-    for name in ("swap_modules", "matmul_attention"):
-        monkeypatch.setattr(cpu, name, refuse)
     for name in ("matvec", "rms_norm", "decode_attention"):
         monkeypatch.setattr(kernels, name, refuse)
     trainer = Trainer(tiny_config(make_data_dir(tmp_path), tmp_path / "run", max_steps=3, eval_interval=2))
     trainer.fit()
-    assert not {CpuLinear, CpuRMSNorm, CpuAttention} & {type(m) for m in trainer.raw_model.modules()}
+    kinds = {type(m) for m in trainer.raw_model.modules()}
+    assert CpuAttention in kinds and not {CpuLinear, CpuRMSNorm} & kinds

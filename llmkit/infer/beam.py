@@ -100,10 +100,7 @@ def beam_search(first_logits: torch.Tensor, step: Callable[[torch.Tensor, torch.
     seqs = torch.empty(nb, 0, dtype=torch.long, device=device)          # running hypotheses
     scores = torch.full((nb,), NEG, device=device)
     scores[0] = 0.0                                                     # one real beam at the start
-    done_seqs = torch.zeros(nb, N, dtype=torch.long, device=device)     # finished hypotheses, padded
-    done_lens = torch.zeros(nb, dtype=torch.long, device=device)
-    done_scores = torch.full((nb,), NEG, device=device)
-    done_real = torch.zeros(nb, dtype=torch.bool, device=device)
+    done = _Finished.empty(nb, N, device)                               # finished hypotheses
     still_open = True                                                   # may a running beam still win?
     logits = first_logits.float().expand(nb, -1)
     for length in range(1, N + 1):
@@ -123,24 +120,44 @@ def beam_search(first_logits: torch.Tensor, step: Callable[[torch.Tensor, torch.
         order = running.topk(nb).indices
         seqs, scores, parents = cand[order], running[order], parent[order]
         # the top-ranked ones that end compete for the finished slots
-        final = cand_scores / (length ** lp)
-        blocked = (bool(done_real.all()) and params.early_stopping is True) or not still_open
-        final = final + (NEG if blocked else 0.0) + NEG * (~(ending & top_ranks[:len(ending)])).float()
-        merged_scores = torch.cat((done_scores, final))
-        padded = torch.zeros(len(cand), N, dtype=torch.long, device=device)
-        padded[:, :length] = cand
-        pick = merged_scores.topk(nb).indices
-        done_seqs = torch.cat((done_seqs, padded))[pick]
-        done_lens = torch.cat((done_lens, torch.full((len(cand),), length, device=device)))[pick]
-        done_real = torch.cat((done_real, ending & top_ranks[:len(ending)]))[pick]
-        done_scores = merged_scores[pick]
-        still_open = still_open and _can_improve(scores, done_scores, done_real, length, N, params)
-        if not still_open or (bool(done_real.all()) and params.early_stopping is True) or bool(ending.all()):
+        eligible = ending & top_ranks[:len(ending)]
+        blocked = (bool(done.real.all()) and params.early_stopping is True) or not still_open
+        done.offer(cand, cand_scores / (length ** lp) + (NEG if blocked else 0.0) + NEG * (~eligible).float(),
+                   length, eligible)
+        still_open = still_open and _can_improve(scores, done.scores, done.real, length, N, params)
+        if not still_open or (bool(done.real.all()) and params.early_stopping is True) or bool(ending.all()):
             break
         # the first step's beams all descend from the prompt's single row
         logits = step(parents if length > 1 else torch.zeros_like(parents), seqs[:, -1])
-    return [Hypothesis(done_seqs[i, :int(done_lens[i])].tolist(), float(done_scores[i]))
+    return [Hypothesis(done.seqs[i, :int(done.lens[i])].tolist(), float(done.scores[i]))
             for i in range(params.num_return_sequences)]
+
+
+@dataclass
+class _Finished:
+    """The num_beams best finished hypotheses so far: token rows padded to N, lengths, length-penalised
+    scores, and whether each slot holds a real hypothesis (not a NEG-scored filler)."""
+    seqs: torch.Tensor
+    lens: torch.Tensor
+    scores: torch.Tensor
+    real: torch.Tensor
+
+    @classmethod
+    def empty(cls, nb: int, N: int, device) -> "_Finished":
+        return cls(torch.zeros(nb, N, dtype=torch.long, device=device), torch.zeros(nb, dtype=torch.long, device=device),
+                   torch.full((nb,), NEG, device=device), torch.zeros(nb, dtype=torch.bool, device=device))
+
+    def offer(self, cand: torch.Tensor, final: torch.Tensor, length: int, eligible: torch.Tensor) -> None:
+        """Candidates `cand` (length `length`, scores `final`; NEG where they may not finish) compete
+        with the kept ones for the slots."""
+        merged = torch.cat((self.scores, final))
+        padded = torch.zeros(len(cand), self.seqs.shape[1], dtype=torch.long, device=cand.device)
+        padded[:, :length] = cand
+        pick = merged.topk(len(self.scores)).indices
+        self.seqs = torch.cat((self.seqs, padded))[pick]
+        self.lens = torch.cat((self.lens, torch.full((len(cand),), length, device=cand.device)))[pick]
+        self.real = torch.cat((self.real, eligible))[pick]
+        self.scores = merged[pick]
 
 
 def _can_improve(scores, done_scores, done_real, length: int, N: int, params: BeamParams) -> bool:

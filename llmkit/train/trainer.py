@@ -28,6 +28,7 @@ from llmkit.io import sharded, snapshots
 from llmkit.errors import LlmkitError
 from llmkit.train.losses import OBJECTIVES
 from llmkit.train.optim import build_adamw, inverse_sqrt_lr, linear_lr, lr_at, set_lr
+from llmkit.infer.cpu import optimize_for_training
 from llmkit.train.perf import measure_peak_flops, mfu
 from llmkit.train.config import TrainConfig, load_train_config
 from llmkit.utils import atomic_open
@@ -74,7 +75,7 @@ class Trainer:
         self._load_data()
         self._seed_everything(cfg.seed)
         self.model_config = self.build_model_config()
-        self.raw_model = self.build_model().to(self.device)
+        self.raw_model = optimize_for_training(self.build_model().to(self.device))
         self.sharded = cfg.strategy == "fsdp"
         self._owns_group = distributed.init(self.dist, self.device, always=self.sharded)
         if cfg.activation_checkpointing:
