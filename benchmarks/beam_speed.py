@@ -52,7 +52,7 @@ def main() -> None:
     from llmkit.io.hf import save_hf
     from llmkit.io.resolve import resolve_model
 
-    ours, tok = resolve_model("smollm2-135m-instruct")
+    ours, tok = resolve_model("smollm2-135m-instruct", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(ours, tok, tmp)
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()

@@ -156,11 +156,13 @@ def run_transformers(model_dir, dtype, ids, new_tokens, repeats):
 def run_llmkit_quantized(gguf_path, ids, new_tokens, repeats):
     """llmkit on the GGUF's own blocks; also (load + first token) seconds."""
     from llmkit.infer import quant
+    from llmkit.infer.cpu import optimize_for_inference
     from llmkit.io.resolve import resolve_model
 
     quant.available()  # built (and cached) before the clock starts, as after a first run
     start = time.perf_counter()
     model, tokenizer = resolve_model(gguf_path, dtype="quantized")
+    optimize_for_inference(model, single_row=True)  # as `llmkit generate` runs it
     with torch.inference_mode():
         model(torch.tensor([tokenizer.encode("Hello")]), last_only=True)[0].argmax()
     load = time.perf_counter() - start

@@ -45,7 +45,7 @@ def measure(model_dirs: list[str], new_tokens: int = 64, repeats: int = 3) -> li
 
     models = []
     for name in model_dirs:
-        model, tok = resolve_model(name)
+        model, tok = resolve_model(name, dtype="float32")  # pruned models are float: compare like with like
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
         models.append((name, optimize_for_inference(model.eval(), single_row=True), ids))  # as `llmkit generate`
     best = {name: [float("inf"), float("inf")] for name, _, _ in models}

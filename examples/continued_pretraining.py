@@ -76,7 +76,7 @@ def main() -> None:
     name, text = general_text()
     general = (name, tokenizer.encode(text))
 
-    base, _ = resolve_model(MODEL)
+    base, _ = resolve_model(MODEL, dtype="float32")  # as training starts from it
     t0 = time.perf_counter()
     before = perplexities(base, held_out, general, args.eval_tokens)
     del base

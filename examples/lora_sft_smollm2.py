@@ -89,7 +89,7 @@ def run(out: str, steps: int = 40, batch_size: int = 8, lr: float = 2e-3, rank: 
     data = out / "chats.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in training_chats(n_train)), encoding="utf-8")
 
-    base, tokenizer = resolve_model(model)
+    base, tokenizer = resolve_model(model, dtype="float32")  # the float weights LoRA trains on
     before = report("before fine-tuning", HELD_OUT, ask(base, tokenizer, HELD_OUT))
     del base
 

@@ -142,7 +142,7 @@ SMOL_QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn 
 def test_smollm2_four_beams_match_transformers(tmp_path):
     from llmkit.io.resolve import resolve_model
 
-    ours, tok = resolve_model("smollm2-135m-instruct")  # fp32 (the GGUF's weights, dequantized)
+    ours, tok = resolve_model("smollm2-135m-instruct", dtype="float32")  # fp32 (the GGUF's weights, dequantized)
     save_hf(ours, tok, tmp_path / "hf")                 # the same weights for transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     params = BeamParams(num_beams=4, max_new_tokens=12)

@@ -62,6 +62,18 @@ def test_integer_linear_matches_float64_reference(fmt, rows, isa):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_a_row_computed_in_a_group_of_four_equals_it_computed_alone(fmt, isa):
+    rng = np.random.default_rng(3)
+    blocks = blocks_of(rng.standard_normal((67, 96)).astype(np.float32), fmt)
+    x = torch.from_numpy(rng.standard_normal((2, 96)).astype(np.float32))
+    with torch.no_grad():
+        together = quant.QuantLinear(quant.QuantWeight(fmt, blocks))(x)
+        for r in range(67):
+            alone = quant.QuantLinear(quant.QuantWeight(fmt, blocks[r:r + 1]))(x)
+            assert torch.equal(alone[:, 0], together[:, r]), r
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_many_rows_use_dequantized_tiles(fmt, isa, monkeypatch):
     monkeypatch.setattr(quant, "TILE_VALUES", 96 * 16)  # several tiles for 67 rows
     rng = np.random.default_rng(1)

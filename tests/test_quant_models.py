@@ -136,6 +136,8 @@ def test_bad_inputs_are_one_clear_line(tiny, tmp_path):
     with pytest.raises(LlmkitError, match=r"blk.0.ffn_down.weight is Q5_0.*--dtype float32"):
         resolve_model(tmp_path / "q5.gguf", dtype="quantized")
     assert resolve_model(tmp_path / "q5.gguf", dtype="float32")[0] is not None  # expanding still works
+    # as stored (the default), a file with a type the kernels lack loads expanded
+    assert not any(isinstance(m, QuantLinear) for m in resolve_model(tmp_path / "q5.gguf")[0].modules())
     # a truncated tensor
     data = (tmp_path / "f.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:-100])
@@ -161,9 +163,10 @@ def test_smollm2_kept_in_blocks_answers_as_float32_does():
     from llmkit.infer.cpu import optimize_for_inference
     from llmkit.infer.generate import generate
 
-    ours, tok = resolve_model("smollm2-135m-instruct", dtype="quantized")
+    ours, tok = resolve_model("smollm2-135m-instruct")  # as stored: the default keeps the blocks
     assert isinstance(ours.blocks[0].mlp.gate_up, QuantLinear) and ours.lm_head.format == "q8_0"
     ref, _ = resolve_model("smollm2-135m-instruct", dtype="float32")
+    assert not any(isinstance(m, QuantLinear) for m in ref.modules())
     for question in ["What is the capital of France?", "What is 12 times 7?"]:
         prompt = tok.apply_chat_template([{"role": "user", "content": question}])
         answers = [generate(optimize_for_inference(m, single_row=True), tok, prompt, max_new_tokens=14, temperature=0)

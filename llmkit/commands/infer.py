@@ -27,9 +27,9 @@ def generate_cmd(
     seed: int = typer.Option(None, "--seed"),
     num_samples: int = typer.Option(1, "--num-samples"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto"),
-    dtype: str = typer.Option(None, "--dtype", help="float32 (default), bfloat16 or float16 (half the bytes "
-                                                    "read per token, so faster decoding), or quantized: a GGUF's "
-                                                    "q8_0/q4_0/q4_1 blocks kept as they are"),
+    dtype: str = typer.Option(None, "--dtype", help="default: as stored (a GGUF's q8_0/q4_0/q4_1 blocks kept "
+                                                    "on the CPU, other models float32); float32, bfloat16 or "
+                                                    "float16 expand every weight; quantized insists on blocks"),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="print each prompt before its completion"),
     num_beams: int = typer.Option(1, "--num-beams", help="beam search with this many beams (deterministic)"),
     length_penalty: float = typer.Option(1.0, "--length-penalty", help="beams: >0 favours longer outputs"),
@@ -111,9 +111,9 @@ def chat_cmd(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: int = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, mps or auto"),
-    dtype: str = typer.Option(None, "--dtype", help="float32 (default), bfloat16 or float16 (half the bytes "
-                                                    "read per token, so faster decoding), or quantized: a GGUF's "
-                                                    "q8_0/q4_0/q4_1 blocks kept as they are"),
+    dtype: str = typer.Option(None, "--dtype", help="default: as stored (a GGUF's q8_0/q4_0/q4_1 blocks kept "
+                                                    "on the CPU, other models float32); float32, bfloat16 or "
+                                                    "float16 expand every weight; quantized insists on blocks"),
 ):
     """Chat with a model: streamed replies, multi-turn history, /reset and /exit."""
     from llmkit.infer.chat import ChatSession, chat_loop
@@ -142,8 +142,8 @@ def serve_cmd(
     context: int = typer.Option(None, "--context", help="tokens per sequence, prompt + output (default: model's)"),
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take, queueing included"),
     max_body: int = typer.Option(1 << 20, "--max-body", help="largest request body in bytes"),
-    dtype: str = typer.Option(None, "--dtype", help="decoder weights: float32 (default), bfloat16, float16 "
-                                                           "or quantized (a GGUF's blocks kept)"),
+    dtype: str = typer.Option(None, "--dtype", help="decoder weights: as stored (default: a GGUF's blocks "
+                                                           "kept), float32, bfloat16, float16 or quantized"),
     name: str = typer.Option(None, "--name", help="model id clients send as \"model\" (default: from the path)"),
     nlu: list[str] = typer.Option(None, "--nlu", help="NLU model served at /v1/classify and /v1/tag: an "
                                                       "intent-slots model, or a classify and a tag model"),

@@ -139,7 +139,7 @@ def run_prune(model_name, out_dir, *, sparsity=None, method="magnitude", scope="
     source, out_dir = resolve_path(model_name), Path(out_dir)
     if out_dir.exists() and out_dir.resolve() == source.resolve():
         raise LlmkitError(f"{out_dir}: the output is the source model")
-    model, tokenizer = resolve_model(source)
+    model, tokenizer = resolve_model(source, dtype="float32")  # pruned: float weights
     before = structured.count_params(model.config)
     sizes = None
     if structured_args:  # check the targets before spending time on calibration

@@ -92,19 +92,23 @@ def resolve_path(name_or_path) -> Path:
 def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
     """(model, tokenizer) for a short name, a .gguf file, an llmkit or a Hugging Face directory.
 
-    The model is in eval mode on `device`; `dtype` (torch.dtype or 'float32'/'bf16'/'fp16') casts it,
-    default float32. Quantized weights (a GGUF's q8_0/q4_0/q4_1 blocks, an `llmkit quantize` directory)
-    are expanded like any others, unless `dtype` is 'quantized': then they stay in their blocks on the
-    CPU (llmkit.infer.quant), their products on int16-rounded activations (greedy text equal to float32's
-    on SmolLM2's chat prompts). Not the default yet: float32 keeps llmkit's logits equal to transformers'
-    on the same file to float32 precision, which tests rely on.
+    The model is in eval mode on `device`. `dtype` None loads it as stored: on the CPU, quantized
+    weights (a GGUF's q8_0/q4_0/q4_1 blocks, an `llmkit quantize` directory) stay in their blocks
+    (llmkit.infer.quant: a quarter to an eighth of the memory, faster decoding, greedy text equal to
+    float32's on SmolLM2's chat prompts), everything else is float32. 'quantized' asks for the blocks
+    and fails clearly where they cannot be kept; a torch.dtype or 'float32'/'bf16'/'fp16' expands and
+    casts every weight (what training, LoRA and exact parity with transformers' float math need).
     """
     path = resolve_path(name_or_path)
     kind = model_format(path)
     keep_blocks = str(dtype).lower() == QUANTIZED
     if keep_blocks and torch.device(device).type != "cpu":
         raise LlmkitError("--dtype quantized runs on the CPU only (the quantized kernels are CPU kernels)")
+    as_stored = dtype is None and torch.device(device).type == "cpu"
     dtype = None if keep_blocks else dtype
+    if kind == "gguf" and as_stored:
+        from llmkit.io.gguf_blocks import runs_in_blocks
+        keep_blocks = runs_in_blocks(path)
     if kind == "adapter":
         model, tokenizer = _load_adapter_model(path)
     elif kind == "gguf" and keep_blocks:
@@ -121,7 +125,7 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
         meta = read_meta(path)
         if "quantization" in meta:  # an `llmkit quantize` directory
             from llmkit.compress.quantize import load_quantized
-            model, tokenizer = load_quantized(path, meta, expand=not keep_blocks)
+            model, tokenizer = load_quantized(path, meta, expand=not (keep_blocks or as_stored))
         else:
             model, tokenizer = load_checkpoint(path)
     dtype = parse_dtype(dtype)

@@ -44,7 +44,8 @@ def build_app(model: str | None = "smollm2-135m-instruct", *, embedding_model: s
               cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None):
     """Load the models and wire engine and app. `model` may be a decoder (chat/completions) or an
     encoder (then it serves embeddings); `embedding_model` adds an encoder beside a decoder.
-    `dtype` (float32 default, bfloat16, float16) is the decoder's. `nlu` (NLU model dirs) adds
+    `dtype` is the decoder's (None: as stored, see resolve_model; float32, bfloat16, float16, quantized).
+    `nlu` (NLU model dirs) adds
     /v1/classify and /v1/tag, `dialog` (a domain file, with `nlu`) adds /v1/dialog; model="none" serves no decoder.
     `name` replaces the id clients use for `model` (the decoder's, or the encoder's when it is served alone)."""
     from llmkit.serve.embeddings import is_encoder, load_embedder

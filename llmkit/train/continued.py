@@ -21,7 +21,7 @@ def load_start(source: str, data_tokenizer: Path, data_dir: Path, block_size: in
     if not same_tokenizer(load_tokenizer(source), Tokenizer.load(data_tokenizer)):
         raise LlmkitError(f"{data_dir} was not prepared with the tokenizer of {source}; "
                           f"prepare it with `llmkit prepare ... --tokenizer {source}`")
-    model, tokenizer = resolve_model(source)
+    model, tokenizer = resolve_model(source, dtype="float32")  # trained: float weights
     config = ModelConfig.from_dict({**model.config.to_dict(), **overrides})
     if block_size > config.block_size:
         raise LlmkitError(f"block_size {block_size} exceeds the context of {source} ({config.block_size})")

@@ -283,7 +283,7 @@ def run_distill(teacher: str, student: str, data_dir, out_dir, overrides=(), tem
                           f"nor a model path or name ({', '.join(EMBEDDED_MODELS)})")
     config = load_train_config(None, overrides, data_dir=str(data_dir), out_dir=str(out_dir),
                                preset=student if is_preset else None, max_steps=max_steps)
-    teacher_model, teacher_tok = resolve_model(teacher)
+    teacher_model, teacher_tok = resolve_model(teacher, dtype="float32")  # its logits as before
     options = dict(teacher=teacher_model, teacher_tokenizer=teacher_tok, temperature=temperature, alpha=alpha,
                    top_k=top_k, resume=resume)
     if is_preset:

@@ -52,7 +52,7 @@ class Seq2SeqTrainer(Trainer):
         if self.base_source is not None:
             from llmkit.io.resolve import resolve_model
 
-            self.base_model, _ = resolve_model(self.base_source)
+            self.base_model, _ = resolve_model(self.base_source, dtype="float32")  # trained: floats
             if getattr(self.base_model, "arch", None) != "seq2seq":
                 raise LlmkitError(f"{self.base_source} is a decoder-only model; --objective seq2seq needs an "
                                   "encoder-decoder (a seq2seq preset, or a Marian/BART/T5 or llmkit seq2seq dir)")
