@@ -2,20 +2,24 @@
 distilling from the original, on the CPU. Also unstructured 50% sparsity, magnitude against Wanda.
 
     python examples/prune_distill_smollm2.py [--out runs/prune_smollm2] [--params 90M] [--layers 24]
-                                             [--steps 60] [--threads 2]
+        [--heads N] [--steps 120] [--lr 3e-4] [--top-k K] [--chunk-minutes M] [--threads 2]
 
 1. SmolLM2-135M-Instruct (the embedded GGUF) is converted to an llmkit directory: the original;
 2. Python's bundled documentation (pydoc_data.topics) is tokenized with its tokenizer; a tenth of the
    documents is held out; calibration text is the start of the training split;
 3. `llmkit prune --params 90M --layers 24`: the 6 layers whose removal costs least loss go, then the MLP
    is narrowed (least-contributing channels first) until the model fits 90M parameters;
-4. `llmkit distill`: the pruned model learns the original's next-token distributions on the training split;
+4. `llmkit distill`: the pruned model learns the original's next-token distributions (KL at temperature 1
+   plus a little cross-entropy; warmup, then cosine to a tenth of the peak LR) on the pydoc training
+   documents and the start of tinyshakespeare. The teacher runs beside the student: ~30 minutes see less
+   than one pass over this corpus, where caching its top-k logits (--top-k K) would not pay off;
 5. perplexity on held-out text (the held-out documents, and the end of tinyshakespeare, which no step
    trains on) before pruning, right after, after recovery; greedy answers to a few questions; decode
    speed side by side (benchmarks/prune_speed.py); unstructured 50% magnitude vs Wanda perplexity.
 Steps whose output exists are not redone, so an interrupted run continues; --stages runs some of them
-(e.g. the unstructured ones in a second process beside the long recovery). Results go to OUT/results/
-and, once all are there, a Markdown table on stdout.
+(e.g. the unstructured ones in a second process beside the long recovery). With --chunk-minutes M each
+call trains about M minutes, checkpoints and stops (call again until the table appears), so the run fits
+the slots of a shared machine. Results go to OUT/results/ and, once all are there, a Markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"
+SHAKESPEARE = REPO.parent / "shared/data/tinyshakespeare.txt"  # beside the checkout, as CI lays it out
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
              "What does a Python for loop do? Answer in one sentence."]
 
@@ -45,16 +49,15 @@ def prepare_corpus(out: Path, tokenizer_file: Path) -> Path:
     return data
 
 
-def held_out(data: Path, tokenizer, n_tokens: int) -> dict:
+def held_out(data: Path, tokenizer, n_tokens: int, shakespeare: Path) -> dict:
     """Token arrays nothing trains on: held-out documents and the last part of tinyshakespeare."""
     import numpy as np
 
     from llmkit.data.corpus import load_split
 
     texts = {"pydoc (held out)": np.asarray(load_split(data, "val")[:n_tokens], dtype=np.int64)}
-    if SHAKESPEARE.exists():
-        tail = SHAKESPEARE.read_text(encoding="utf-8")[-6 * n_tokens:]
-        texts["tinyshakespeare (end)"] = np.asarray(tokenizer.encode(tail)[-n_tokens:], dtype=np.int64)
+    tail = shakespeare.read_text(encoding="utf-8")[-6 * n_tokens:]
+    texts["tinyshakespeare (end)"] = np.asarray(tokenizer.encode(tail)[-n_tokens:], dtype=np.int64)
     return texts
 
 
@@ -82,31 +85,94 @@ def calibration_text(data: Path, tokenizer, n_tokens: int) -> Path:
     return path
 
 
-def recover(args, out: Path, data: Path) -> dict:
-    """Distil the pruned model from the original; a checkpoint every steps/4 (at most 10), so a run stopped early
-    (e.g. out of time) still leaves a recovered model, reported with the steps it reached."""
-    from llmkit.train.distill import run_distill
+def recovery_data(out: Path, data: Path, tokenizer, eval_tokens: int, shakespeare: Path, shakespeare_chars: int) -> Path:
+    """What recovery trains on: the pydoc training documents and the start of tinyshakespeare, never the
+    held-out pydoc documents (kept as the validation split) nor the end of tinyshakespeare that is evaluated."""
+    import numpy as np
 
-    target, info_file = out / "recovered", out / "recovery.json"
-    if info_file.exists():
-        return json.loads(info_file.read_text())
-    if not (target / "model.safetensors").exists():
+    from llmkit.data.corpus import load_meta, load_split
+
+    target = out / "recovery-data"
+    if (target / "meta.json").exists():
+        return target
+    parts = [np.asarray(load_split(data, "train"))]
+    if shakespeare_chars:
+        text = shakespeare.read_text(encoding="utf-8")
+        if shakespeare_chars > len(text) - 12 * eval_tokens:  # the evaluated tail is the last 6 * eval_tokens
+            raise SystemExit(f"--shakespeare-chars {shakespeare_chars} reaches the held-out end of the text")
+        ids = tokenizer.encode(text[:shakespeare_chars]) + [tokenizer.eos_id]
+        parts.append(np.asarray(ids, dtype=parts[0].dtype))
+    target.mkdir()
+    train = np.concatenate(parts)
+    train.tofile(target / "train.bin")
+    shutil.copy(data / "val.bin", target / "val.bin")
+    shutil.copy(data / "tokenizer.json", target / "tokenizer.json")
+    meta = {**load_meta(data), "train_tokens": len(train), "sources": ["pydoc_data.topics (train documents)",
+            f"tinyshakespeare.txt[:{shakespeare_chars}]"]}
+    (target / "meta.json").write_text(json.dumps(meta, indent=2))  # last: it marks the directory complete
+    return target
+
+
+def recover(args, out: Path, data: Path) -> dict | None:
+    """Distil the pruned model from the original, at most --chunk-minutes per call: each call resumes the
+    last checkpoint (and the cached teacher logits), so the run survives interruptions and fits the slots
+    of a shared machine. Returns None until all --steps are done."""
+    from llmkit.io import snapshots
+    from llmkit.train.distill import CACHE_FILE, run_distill
+
+    target = out / "recovered"
+    done = read_steps(target)
+    if done < args.steps:
+        # steps per call from the measured step time; the first call also caches the teacher's logits
+        per_step = mean_step_s(target)
+        if args.chunk_minutes <= 0:
+            chunk = args.steps - done
+        else:
+            chunk = max(1, int(args.chunk_minutes * 60 / per_step)) if per_step else args.first_chunk
         overrides = [f"block_size={args.block_size}", f"batch_size={args.batch_size}", f"lr={args.lr}",
-                     f"min_lr={args.lr / 10}", f"warmup_steps={max(1, args.steps // 10)}",
-                     f"lr_decay_steps={args.steps}", "eval_interval=0", "eval_iters=1",
-                     f"ckpt_interval={max(1, min(10, args.steps // 4))}",
-                     "log_interval=1", "weight_decay=0.0", "device=cpu", f"threads={args.threads}",
-                     "progress=false", "peak_flops=1e11"]
+                     f"min_lr={args.lr / 10}", f"warmup_steps={max(1, args.steps // 20)}",
+                     f"lr_decay_steps={args.steps}", "eval_interval=0", "eval_iters=4",
+                     f"ckpt_interval={chunk}", "log_interval=5", "weight_decay=0.0", "device=cpu",
+                     f"threads={args.threads}", "progress=false", "peak_flops=1e11"]
         run_distill(str(out / "original"), str(out / "pruned"), data, target, overrides,
-                    temperature=1.0, alpha=args.alpha, top_k=args.top_k, max_steps=args.steps)
+                    temperature=args.temperature, alpha=args.alpha, top_k=args.top_k or None,
+                    max_steps=min(args.steps, done + chunk), resume=snapshots.current(target) is not None)
+        done = read_steps(target)
+        if done < args.steps:
+            print(f"recovery at step {done} of {args.steps}; run again to continue", file=sys.stderr)
+            return None
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the trainer saves the data's tokenizer,
         shutil.copy(out / "original" / name, target / name)    # which has no chat template
     logged = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
-    info = {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"], "train_s": steps[-1]["elapsed"],
-            "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
-    info_file.write_text(json.dumps(info, indent=2))
-    return info
+    cache_s = 0.0
+    if args.top_k:
+        from safetensors import safe_open
+
+        with safe_open(str(target / CACHE_FILE), "pt") as f:
+            cache_s = float(f.metadata()["seconds"])
+    return {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"], "train_s": steps[-1]["elapsed"],
+            "teacher_cache_s": cache_s, "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
+            "val_loss": [r["val_loss"] for r in logged if "val_loss" in r][-1], "lr": args.lr,
+            "batch": f"{args.batch_size}x{args.block_size}", "top_k": args.top_k, "alpha": args.alpha,
+            "temperature": args.temperature}
+
+
+def read_steps(run: Path) -> int:
+    """The step of the run's last checkpoint (its directory is named after it), 0 before the first."""
+    from llmkit.io import snapshots
+
+    step_dir = snapshots.latest(run)
+    return 0 if step_dir is None else int(step_dir.name.removeprefix("step-"))
+
+
+def mean_step_s(run: Path) -> float | None:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return None
+    times = [json.loads(line).get("ms_per_step") for line in path.read_text().splitlines()]
+    times = [t for t in times if t]
+    return sum(times) / len(times) / 1000 if times else None
 
 
 def speed(dirs: list[Path], threads: int) -> list[dict]:
@@ -139,13 +205,23 @@ def main() -> int:
     parser.add_argument("--out", default="runs/prune_smollm2")
     parser.add_argument("--params", default="90M")
     parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=60, help="distillation steps")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=None, help="query heads kept per layer (whole KV groups)")
+    parser.add_argument("--steps", type=int, default=120, help="distillation steps (the LR schedule's length)")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak LR (warmup, then cosine to a tenth)")
     parser.add_argument("--alpha", type=float, default=0.9, help="weight of the teacher's soft targets")
-    parser.add_argument("--top-k", type=int, default=None, help="cache the teacher's top-k logits (pays off "
-                                                                 "over several epochs; a short run is under one)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="cache the teacher's top-k logits once over the corpus (pays off beyond one epoch); "
+                             "0: run the teacher beside the student, full distributions")
+    parser.add_argument("--shakespeare", type=Path, default=SHAKESPEARE, help="tinyshakespeare.txt")
+    parser.add_argument("--shakespeare-chars", type=int, default=200_000,
+                        help="train also on this many characters from the start of tinyshakespeare")
+    parser.add_argument("--chunk-minutes", type=float, default=0,
+                        help="train about this long per call, then checkpoint and stop: call again to continue "
+                             "(0: all steps in one call)")
+    parser.add_argument("--first-chunk", type=int, default=10, help="steps of the first call (no step time yet)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=4096)
     parser.add_argument("--layer-tokens", type=int, default=1024, help="calibration tokens for layer removal")
@@ -154,6 +230,8 @@ def main() -> int:
                         help="which to run (the others are read from OUT/results if there): run "
                              "'unstructured' in a second process beside the long recovery, for instance")
     args = parser.parse_args()
+    if not args.shakespeare.is_file():
+        parser.error(f"{args.shakespeare} is missing: give --shakespeare PATH (tinyshakespeare.txt)")
 
     import torch
 
@@ -167,7 +245,7 @@ def main() -> int:
     _, tok = resolve_model(out / "original")
     data = prepare_corpus(out, out / "original" / "tokenizer.json")
     calib = calibration_text(data, tok, args.calib_tokens)
-    texts = held_out(data, tok, args.eval_tokens)
+    texts = held_out(data, tok, args.eval_tokens, args.shakespeare)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     stages = set(args.stages.split(","))
     (out / "results").mkdir(exist_ok=True)
@@ -178,9 +256,11 @@ def main() -> int:
         if path.exists():
             results[name] = json.loads(path.read_text())
         elif name.split("-")[0] in stages or name in stages:
-            results[name] = fn()
-            path.write_text(json.dumps(results[name], indent=2))
-            log(f"{name}: {results[name]}")
+            result = fn()
+            if result is not None:  # None: not finished (a recovery continues on the next call)
+                results[name] = result
+                path.write_text(json.dumps(result, indent=2))
+                log(f"{name}: {result}")
 
     def prune(name, **how):
         if not (out / name / "model.safetensors").exists():
@@ -189,15 +269,18 @@ def main() -> int:
 
     stage("original", lambda: evaluate(out / "original", texts, questions=True))
     if "pruned" in stages:
-        prune("pruned", params=args.params, layers=args.layers)
+        prune("pruned", params=args.params, layers=args.layers, heads=args.heads)
     stage("pruned", lambda: evaluate(out / "pruned", texts, questions=True))
-    stage("recovery", lambda: recover(args, out, data))
-    stage("recovered", lambda: evaluate(out / "recovered", texts, questions=True))
+    stage("recovery", lambda: recover(args, out, recovery_data(out, data, tok, args.eval_tokens, args.shakespeare,
+                                                               args.shakespeare_chars)))
+    if "recovery" in results:  # a recovery still under way is not evaluated
+        stage("recovered", lambda: evaluate(out / "recovered", texts, questions=True))
     for method in ("magnitude", "wanda"):
         if "unstructured" in stages:
             prune(f"{method}-50%", sparsity=0.5, method=method)
         stage(f"unstructured-{method}", lambda: evaluate(out / f"{method}-50%", texts, questions=False))
-    stage("speed", lambda: speed([out / "original", out / "pruned", out / "recovered"], 1))
+    if "recovered" in results:
+        stage("speed", lambda: speed([out / "original", out / "pruned", out / "recovered"], 1))
     missing = {"original", "pruned", "recovery", "recovered", "speed"} - set(results)
     if missing:
         log(f"not yet measured: {', '.join(sorted(missing))}")
@@ -205,8 +288,12 @@ def main() -> int:
     for row, name in zip(results["speed"], ("original", "pruned", "recovered")):
         results[name]["speed"] = row
     rec = results["recovery"]
-    print(f"recovery: {rec['steps']} distillation steps, {rec['tokens']:,} tokens, {rec['train_s'] / 60:.1f} min "
-          f"of training; distillation loss {rec['first_loss']:.3f} -> {rec['last_loss']:.3f}")
+    teacher = (f"teacher top-{rec['top_k']} logits cached in {rec['teacher_cache_s'] / 60:.1f} min + " if rec["top_k"]
+               else "teacher run beside the student, ")
+    print(f"recovery: {(rec['teacher_cache_s'] + rec['train_s']) / 60:.1f} min = {teacher}{rec['steps']} distillation "
+          f"steps of {rec['batch']} tokens (peak lr {rec['lr']:g}) {rec['train_s'] / 60:.1f} min, {rec['tokens']:,} "
+          f"tokens; distillation loss {rec['first_loss']:.3f} -> {rec['last_loss']:.3f}, held-out loss "
+          f"{rec['val_loss']:.3f}")
     print(report(results))
     return 0
 

@@ -125,3 +125,49 @@ def test_teacher_top_k_cache_covers_aligned_windows(data_dir, teacher_dir):
     got = cache.lookup(torch.tensor([1]))
     assert torch.equal(got.indices.long(), top.indices)
     torch.testing.assert_close(got.values.float(), top.values, atol=1e-2, rtol=1e-2)
+
+
+def test_teacher_cache_is_kept_for_a_resume_and_redone_for_another_teacher(tmp_path, data_dir, teacher_dir,
+                                                                           monkeypatch):
+    import llmkit.train.distill as distill
+    from llmkit.io.checkpoint import load_checkpoint
+
+    calls = []
+    real = distill.teacher_logits
+    monkeypatch.setattr(distill, "teacher_logits", lambda t, x: calls.append(len(x)) or real(t, x))
+    teacher, tok = load_checkpoint(teacher_dir)
+    out = tmp_path / "student"
+    first = DistillTrainer(tiny_config(data_dir, out, model={"n_embd": 16}, max_steps=2, eval_interval=0),
+                           teacher, tok, top_k=3)
+    first.fit()
+    assert calls and (out / distill.CACHE_FILE).exists()
+    calls.clear()
+    resumed = DistillTrainer(tiny_config(data_dir, out, model={"n_embd": 16}, max_steps=4, eval_interval=0),
+                             teacher, tok, top_k=3, resume=True)
+    assert not calls and resumed.step == 2                       # read back, not recomputed
+    assert torch.equal(resumed.teacher_cache.indices, first.teacher_cache.indices)
+    assert resumed.teacher_cache.seconds == pytest.approx(first.teacher_cache.seconds)
+    with torch.no_grad():
+        next(teacher.parameters())[0, 0] += 1.0                  # another teacher: its own targets
+    DistillTrainer(tiny_config(data_dir, out, model={"n_embd": 16}, max_steps=4, eval_interval=0),
+                   teacher, tok, top_k=3, resume=True)
+    assert calls
+
+
+def test_a_recovery_in_two_calls_ends_where_one_call_does(tmp_path, data_dir, teacher_dir):
+    """The example's chunks: the second call resumes weights, optimizer, sampler and the LR schedule."""
+    from llmkit.io.checkpoint import load_checkpoint
+
+    teacher, tok = load_checkpoint(teacher_dir)
+
+    def run(out, max_steps, resume=False):
+        config = tiny_config(data_dir, out, model={"n_embd": 16}, max_steps=max_steps, lr_decay_steps=6,
+                             eval_interval=0)
+        DistillTrainer(config, teacher, tok, alpha=0.9, top_k=3, resume=resume).fit()
+        return load_checkpoint(out)[0].state_dict()
+
+    whole = run(tmp_path / "one", 6)
+    run(tmp_path / "two", 3)
+    chunked = run(tmp_path / "two", 6, resume=True)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(chunked[name], tensor, rtol=0, atol=1e-6)

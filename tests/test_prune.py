@@ -177,9 +177,9 @@ def test_a_group_that_contributes_nothing_is_the_one_removed(tok, calib):
         torch.testing.assert_close(pruned(x)[0], model(x)[0], atol=1e-5, rtol=1e-5)
 
 
-def _hf_logits(path, ids):
+def _hf_logits(path, ids, **kwargs):
     transformers = pytest.importorskip("transformers")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     with torch.no_grad():
         return ref(ids).logits
 
@@ -204,6 +204,11 @@ def test_pruned_model_saves_loads_and_exports_to_transformers(tok, calib, tmp_pa
     with torch.no_grad():
         ours = model(ids)[0]
     torch.testing.assert_close(_hf_logits(tmp_path / "hf", ids), ours, atol=1e-4, rtol=0)
+    if family == "llama":  # GGUF too (GPT-2's is not a format llmkit writes): transformers reads it back
+        code, _, err = run_cli(monkeypatch, capsys, "convert", tmp_path / "pruned", tmp_path / "gguf" / "m.gguf",
+                               "--to", "gguf", "--type", "f32")
+        assert code == 0, err
+        torch.testing.assert_close(_hf_logits(tmp_path / "gguf", ids, gguf_file="m.gguf"), ours, atol=1e-4, rtol=0)
     code, out, err = run_cli(monkeypatch, capsys, "generate", "--model", tmp_path / "pruned", "the cat",
                              "--max-new-tokens", "4", "--temperature", "0")
     assert code == 0 and out.startswith("the cat"), err

@@ -6,10 +6,14 @@ T^2 keeps the soft term's gradients on the scale of the hard term's as T changes
 
 The teacher runs under torch.inference_mode() in eval mode. With `top_k`, the teacher's
 distribution is first cut to its k most likely tokens (renormalised); `TeacherTopK` precomputes
-that for every aligned window of the training split once, so training never runs the teacher.
+that for every aligned window of the training split once, so training never runs the teacher. The
+cache is kept in the output directory (teacher_topk.safetensors), so a resumed run does not pay for it again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +97,7 @@ class TeacherTopK:
         self.values = torch.empty(n, block_size, k, dtype=torch.float16)
         self.indices = torch.empty(n, block_size, k, dtype=torch.int32)
         teacher.eval()
+        start = time.perf_counter()
         for first in range(0, n, batch_size):
             rows = range(first, min(first + batch_size, n))
             x = torch.from_numpy(np.stack([np.asarray(tokens[i * block_size:(i + 1) * block_size], dtype=np.int64)
@@ -100,12 +105,55 @@ class TeacherTopK:
             top = teacher_logits(teacher, x.to(device)).float().topk(k, dim=-1)
             self.values[rows.start:rows.stop] = top.values.cpu().half()
             self.indices[rows.start:rows.stop] = top.indices.cpu().int()
+        self.seconds = time.perf_counter() - start
 
     def __len__(self) -> int:
         return self.values.shape[0]
 
+    def save(self, path, key: dict) -> None:
+        """Write the cache with `key` (what it was computed from) and the seconds it took, atomically."""
+        from safetensors.torch import save_file
+
+        from llmkit.utils import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({"values": self.values, "indices": self.indices}, str(tmp),
+                      metadata={"key": json.dumps(key, sort_keys=True), "seconds": str(self.seconds)})
+
+    @classmethod
+    def load(cls, path, key: dict) -> TeacherTopK | None:
+        """The cache at `path` if it was computed for `key`, else None (it is then recomputed)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != json.dumps(key, sort_keys=True):
+                    return None
+                cache = cls.__new__(cls)
+                cache.values, cache.indices = f.get_tensor("values"), f.get_tensor("indices")
+        except (OSError, SafetensorError):
+            return None
+        cache.block_size, cache.k, cache.seconds = key["block_size"], key["k"], float(meta["seconds"])
+        return cache
+
     def lookup(self, windows: torch.Tensor) -> TopK:
         return TopK(self.values[windows], self.indices[windows])
+
+
+CACHE_FILE = "teacher_topk.safetensors"
+
+
+@torch.no_grad()
+def teacher_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the config and of every parameter's sum: a cache made with other weights does not match."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).numpy().tobytes()
+    config = json.dumps(model.config.to_dict(), sort_keys=True).encode()
+    return hashlib.sha1(config + sums).hexdigest()
+
+
+def tokens_fingerprint(tokens) -> str:
+    return hashlib.sha1(np.ascontiguousarray(tokens).tobytes()).hexdigest()
 
 
 class AlignedWindowSampler:
@@ -168,10 +216,23 @@ class DistillTrainer(Trainer):
         if self.top_k is None:
             return super()._sampler(tokens, seed)
         if tokens is self.train_tokens and self.teacher_cache is None:
-            self.teacher_cache = TeacherTopK(self.teacher.to(self.device), tokens, self.config.block_size,
-                                             self.top_k, device=self.device)
+            self.teacher_cache = self._teacher_cache(tokens)
         return AlignedWindowSampler(tokens, self.config.block_size, self.config.batch_size, seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _teacher_cache(self, tokens) -> TeacherTopK:
+        """Read from out_dir when it was computed for this teacher, split, block size and k; else compute and keep."""
+        path = self.out_dir / CACHE_FILE
+        key = {"teacher": teacher_fingerprint(self.teacher), "tokens": tokens_fingerprint(tokens),
+               "block_size": self.config.block_size, "k": self.top_k}
+        cache = TeacherTopK.load(path, key)
+        if cache is None:
+            cache = TeacherTopK(self.teacher.to(self.device), tokens, self.config.block_size, self.top_k,
+                                device=self.device)
+            if self.dist.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                cache.save(path, key)
+        return cache
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         model = self.model if model is None else model
