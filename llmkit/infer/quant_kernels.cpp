@@ -42,11 +42,9 @@ int format_index(int64_t format) {
 }
 
 using DotFn = float (*)(const uint8_t*, const int16_t*, const float*, const float*, int64_t);
-using Dot4Fn = void (*)(const uint8_t*, int64_t, const int16_t*, const float*, const float*, int64_t, float*);
 using DequantizeFn = void (*)(const uint8_t*, int64_t, float*);
 struct Kernels {
   DotFn dot[3];                 // by format_index
-  Dot4Fn dot4[3];               // four weight rows at once, each equal to dot's result
   DequantizeFn dequantize[3];
 };
 
@@ -81,12 +79,6 @@ float dot(const uint8_t* w, const int16_t* xq, const float* xd, const float* xs,
 }
 
 template <int F>
-void dot4(const uint8_t* w, int64_t row_bytes, const int16_t* xq, const float* xd, const float* xs, int64_t nb,
-          float* y) {
-  for (int r = 0; r < 4; ++r) y[r] = dot<F>(w + r * row_bytes, xq, xd, xs, nb);
-}
-
-template <int F>
 void dequantize_row(const uint8_t* w, int64_t nb, float* out) {
   for (int64_t b = 0; b < nb; ++b, w += block_bytes(F), out += QK) {
     const float d = half_to_float(w);
@@ -99,8 +91,7 @@ void dequantize_row(const uint8_t* w, int64_t nb, float* out) {
 }
 
 Kernels kernels() {
-  return {{dot<Q8_0>, dot<Q4_0>, dot<Q4_1>}, {dot4<Q8_0>, dot4<Q4_0>, dot4<Q4_1>},
-          {dequantize_row<Q8_0>, dequantize_row<Q4_0>, dequantize_row<Q4_1>}};
+  return {{dot<Q8_0>, dot<Q4_0>, dot<Q4_1>}, {dequantize_row<Q8_0>, dequantize_row<Q4_0>, dequantize_row<Q4_1>}};
 }
 
 }  // namespace generic
@@ -199,7 +190,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t format,
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out),
               "quantized linear: bad bias");
   const DotFn dot = kernels_for(isa).dot[format_index(format)];
-  const Dot4Fn dot4 = kernels_for(isa).dot4[format_index(format)];
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.numel() / in;
   std::vector<QuantRow> xq;
@@ -211,16 +201,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t format,
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   const int64_t row_bytes = blocks.size(1);
-  // Each group of four weight rows is read once and multiplied by every activation row while in L1.
+  // Each weight row is read once and multiplied by every activation row while it is in L1.
   at::parallel_for(0, out, std::max<int64_t>(1, 131072 / (in * rows)), [&](int64_t begin, int64_t end) {
-    float y4[4];
-    int64_t r = begin;
-    for (; r + 4 <= end; r += 4)
-      for (int64_t m = 0; m < rows; ++m) {
-        dot4(w + r * row_bytes, row_bytes, xq[m].q.data(), xq[m].d.data(), xq[m].s.data(), nb, y4);
-        for (int j = 0; j < 4; ++j) ys[m * out + r + j] = y4[j] + (b ? b[r + j] : 0.0f);
-      }
-    for (; r < end; ++r)
+    for (int64_t r = begin; r < end; ++r)
       for (int64_t m = 0; m < rows; ++m)
         ys[m * out + r] = dot(w + r * row_bytes, xq[m].q.data(), xq[m].d.data(), xq[m].s.data(), nb) + (b ? b[r] : 0.0f);
   });
