@@ -329,8 +329,8 @@ def gguf_tokenizer(g: GGUFFile):
 
 
 def load_gguf(path, device="cpu"):
-    """(model, tokenizer) from a .gguf file; weights dequantized to float32."""
-    g = GGUFFile(path)
+    """(model, tokenizer) from a .gguf file (or its parsed GGUFFile); weights dequantized to float32."""
+    g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     config = config_from_gguf(g)
     tokenizer = gguf_tokenizer(g)
     model = build_model(config, gguf_state_dict(g, config), g.path)

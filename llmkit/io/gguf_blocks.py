@@ -95,18 +95,18 @@ def _layer_weights(blocks: _Blocks, i: int, config, state: dict, weights: dict) 
     state[f"blocks.{i}.mlp_norm.weight"] = g.tensor(p + "ffn_norm.weight")
 
 
-def runs_in_blocks(path) -> bool:
-    """Whether loading `path` as stored keeps quantized blocks: some weights are q8_0/q4_0/q4_1 and none
+def runs_in_blocks(g: GGUFFile) -> bool:
+    """Whether loading the file as stored keeps quantized blocks: some weights are q8_0/q4_0/q4_1 and none
     is of a type the kernels lack (such a file, or an all-float one, loads expanded as before)."""
-    g = GGUFFile(path)
     types = {GGMLQuantizationType(info.qtype) for info in g.tensors.values()}
     kept = {GGMLQuantizationType(code) for code in FORMATS.values()}
     return bool(types & kept) and types <= kept | set(FLOAT_TYPES)
 
 
 def load_gguf_quantized(path):
-    """(model, tokenizer) from a .gguf file with its q8_0/q4_0/q4_1 weights kept as they are stored."""
-    g = GGUFFile(path)
+    """(model, tokenizer) from a .gguf file (or its parsed GGUFFile) with its q8_0/q4_0/q4_1 weights kept
+    as they are stored."""
+    g = path if isinstance(path, GGUFFile) else GGUFFile(path)
     config = config_from_gguf(g)
     tokenizer = gguf_tokenizer(g)
     blocks = _Blocks(g)

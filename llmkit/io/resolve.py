@@ -106,17 +106,20 @@ def resolve_model(name_or_path=DEFAULT_MODEL, device="cpu", dtype=None):
         raise LlmkitError("--dtype quantized runs on the CPU only (the quantized kernels are CPU kernels)")
     as_stored = dtype is None and torch.device(device).type == "cpu"
     dtype = None if keep_blocks else dtype
-    if kind == "gguf" and as_stored:
-        from llmkit.io.gguf_blocks import runs_in_blocks
-        keep_blocks = runs_in_blocks(path)
+    if kind == "gguf":  # its header (and tokenizer) parsed once, for the check and the loader
+        from llmkit.io.gguf import GGUFFile
+        gguf = GGUFFile(path)
+        if as_stored:
+            from llmkit.io.gguf_blocks import runs_in_blocks
+            keep_blocks = runs_in_blocks(gguf)
     if kind == "adapter":
         model, tokenizer = _load_adapter_model(path)
     elif kind == "gguf" and keep_blocks:
         from llmkit.io.gguf_blocks import load_gguf_quantized
-        model, tokenizer = load_gguf_quantized(path)
+        model, tokenizer = load_gguf_quantized(gguf)
     elif kind == "gguf":
         from llmkit.io.gguf import load_gguf
-        model, tokenizer = load_gguf(path)
+        model, tokenizer = load_gguf(gguf)
     elif kind == "hf":
         from llmkit.io.hf import load_hf
         model, tokenizer = load_hf(path)
