@@ -121,8 +121,9 @@ def input_hessians(model, names: list[str], calibration: torch.Tensor, window: i
 
 
 def quantize_model(model, fmt: str, method: str = "rtn", calibration: torch.Tensor | None = None,
-                   window: int = 512) -> dict[str, QuantWeight]:
-    """Blocks for every linear layer of `model` (a float GPT) and its token embedding."""
+                   window: int = 512, hessians: dict[str, torch.Tensor] | None = None) -> dict[str, QuantWeight]:
+    """Blocks for every linear layer of `model` (a float GPT) and its token embedding. gptq takes the
+    layers' input Hessians from `hessians` if given (input_hessians' result: one pass serves every format)."""
     if fmt not in FORMATS:
         raise LlmkitError(f"unsupported quantization format {fmt!r} (supported: {', '.join(FORMATS)})")
     if method not in METHODS:
@@ -130,8 +131,9 @@ def quantize_model(model, fmt: str, method: str = "rtn", calibration: torch.Tens
     names = quantized_modules(model)
     for name in names + ["embed"]:
         check_blockable(name, model.get_submodule(name).weight.shape)
-    hessians = {}
-    if method == "gptq":
+    if method == "rtn":
+        hessians = {}
+    elif hessians is None:
         if calibration is None or len(calibration) < 2:
             raise LlmkitError("gptq needs a calibration text (--calib) of at least two tokens")
         hessians = input_hessians(model, names, calibration, window)
