@@ -2,7 +2,7 @@
 GPTQ), and how many of a dozen chat prompts get q8_0 greedy answers equal to fp32's.
 
     python benchmarks/quant_quality.py [--models smollm2,trained] [--trained DIR] [--train-out DIR]
-        [--train-steps 1000] [--text tinyshakespeare.txt] [--eval-chars 20000] [--calib-tokens 2048]
+        [--train-steps 1000] [--text tinyshakespeare.txt] [--eval-chars 20000] [--calib-tokens 8192]
         [--formats q8_0,q4_0,q4_1] [--methods rtn,gptq] [--prompts 12] [--new-tokens 32] [--threads 2]
 
 Models:
@@ -200,7 +200,7 @@ def parse_args(argv=None):
     parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--text", default=str(SHAKESPEARE), help="training, calibration and held-out text")
     parser.add_argument("--eval-chars", type=int, default=20000)
-    parser.add_argument("--calib-tokens", type=int, default=2048)
+    parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--window", type=int, default=512, help="perplexity window (capped at the context)")
     parser.add_argument("--formats", default="q8_0,q4_0,q4_1")
     parser.add_argument("--methods", default="rtn,gptq")
