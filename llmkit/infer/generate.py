@@ -150,9 +150,9 @@ class Decoder:
         self.model, self.compile, self._warm = model, compile, False
         self.cache = cache if cache is not None else model.new_cache(batch_size, max_len, static=compile)
         if compile:
-            from llmkit.infer.cpu import recast, swap_modules
+            from llmkit.infer.cpu import CpuBlock, recast, swap_modules
 
-            swap_modules(model, {Block: recast(CompiledBlock)})
+            swap_modules(model, {Block: recast(CompiledBlock), CpuBlock: recast(CompiledBlock)})
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Append each prompt to its row (0..n-1; rows right-padded to the longest); (n, V) logits."""
