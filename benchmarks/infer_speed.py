@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/infer_speed.py [--prompt-tokens 512] [--new-tokens 128] [--dtypes fp32,bf16]
                                                [--engines matmul-floor,llmkit,llmkit-pytorch,llmkit-compiled,transformers]
-                                               [--repeats 2] [--threads N]
+                                               [--repeats 2] [--threads N] [--rounds 1]
 
 The embedded GGUF is dequantized once and written as a Hugging Face directory, so both engines load
 exactly the same float weights. Every (engine, dtype) row runs in its own child process, so the
@@ -154,9 +154,11 @@ def run_transformers(model_dir, dtype, ids, new_tokens, repeats):
 
 
 def run_llmkit_quantized(gguf_path, ids, new_tokens, repeats):
-    """llmkit on the GGUF's own blocks; also (load + first token) seconds."""
+    """llmkit on the GGUF's own blocks, through the Decoder `llmkit generate` uses; also (load + first
+    token) seconds."""
     from llmkit.infer import quant
     from llmkit.infer.cpu import optimize_for_inference
+    from llmkit.infer.generate import Decoder
     from llmkit.io.resolve import resolve_model
 
     quant.available()  # built (and cached) before the clock starts, as after a first run
@@ -166,17 +168,18 @@ def run_llmkit_quantized(gguf_path, ids, new_tokens, repeats):
     with torch.inference_mode():
         model(torch.tensor([tokenizer.encode("Hello")]), last_only=True)[0].argmax()
     load = time.perf_counter() - start
-    x = torch.tensor([ids])
+    # one cache for every repeat, as one `llmkit generate` holds one (peak RSS counts it once)
+    decoder = Decoder(model, 1, len(ids) + new_tokens)
 
     def prefill():
-        cache = model.new_cache(1, len(ids) + new_tokens)
-        return model(x, cache=cache, last_only=True)[0][:, -1], cache
+        decoder.cache.reset()
+        return decoder.prefill([ids]), decoder
 
-    def decode(logits, cache):
-        out, tok = [], logits.argmax(-1, keepdim=True)
+    def decode(logits, decoder):
+        out, tok = [], logits.argmax(-1)
         for _ in range(new_tokens):
             out.append(int(tok))
-            tok = model(tok, cache=cache, last_only=True)[0][:, -1].argmax(-1, keepdim=True)
+            tok = decoder.step(tok).argmax(-1)
         return out
 
     with torch.inference_mode():
@@ -304,6 +307,9 @@ def main() -> None:
     parser.add_argument("--quant", default="q4_1,q8_0", help="GGUF formats for the quantized rows ('' for none)")
     parser.add_argument("--quant-engines", default="llmkit,llama.cpp")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="quantized rows: run llama.cpp and llmkit alternately this many times (a shared "
+                             "machine's speed drifts by tens of percent within minutes)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads per engine; 1 makes CPU-time tok/s robust to a busy machine")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -371,13 +377,19 @@ def quantized_rows(args, tmp: str, key: str) -> None:
         if fmt != "q4_1":  # the same weights in another format: quantized from the float copy (converting the
             # GGUF itself would keep its Q4_1 blocks as they are)
             path = convert(tmp, Path(tmp) / f"smollm2-{fmt}.gguf", to="gguf", gguf_type=fmt)
-        reference = None
-        for engine in sorted(engines, key=lambda e: e != "llama.cpp"):
-            row = run_child(args, engine, fmt, tmp, gguf=path)
-            reference = row if engine == "llama.cpp" else reference
-            if row:
-                print_row(row, reference, key)
-
+        ratios = []
+        for _ in range(args.rounds):
+            reference = None
+            for engine in sorted(engines, key=lambda e: e != "llama.cpp"):
+                row = run_child(args, engine, fmt, tmp, gguf=path)
+                reference = row if engine == "llama.cpp" else reference
+                if row:
+                    print_row(row, reference, key)
+                    if reference and row is not reference:
+                        ratios.append(row[key] / reference[key])
+        if len(ratios) > 1:
+            print(f"{fmt}: llmkit decode / llama.cpp decode per round: {', '.join(f'{r:.2f}x' for r in ratios)} "
+                  f"(median {sorted(ratios)[len(ratios) // 2]:.2f}x)", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -119,3 +119,21 @@ def test_decode_layout_keeps_values_and_checkpoints(name, tmp_path, monkeypatch)
     bf16 = GPT(preset(name, n_layer=1, n_head=4, n_embd=64, vocab_size=300)).to(torch.bfloat16)
     decode_layout(bf16)  # bf16 keeps row-major: transposed bf16 matrix-vector products are slow on CPU
     assert all(m.weight.is_contiguous() for m in bf16.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "llama-tiny"])
+def test_long_prompts_prefill_in_chunks_with_the_same_logits(name, monkeypatch):
+    import llmkit.infer.generate as generate
+
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)  # 12 tokens: chunks of 5, 5 and 2
+    model = optimize_for_inference(small(name))
+    ids = torch.randint(0, 97, (2, 14))
+    calls = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(args[0].shape[1]), with_kwargs=True)
+    decoder = Decoder(model, batch_size=2, max_len=20)
+    with torch.inference_mode():
+        expected = model(ids[:, :12])[0][:, -1]
+        calls.clear()
+        assert torch.allclose(decoder.prefill(ids[:, :12].tolist()), expected, atol=1e-5)
+        assert calls == [5, 5, 2] and decoder.cache.lengths == [12, 12]
+        assert torch.allclose(decoder.step(ids[:, 12]), model(ids[:, :13])[0][:, -1], atol=1e-5)

@@ -61,7 +61,8 @@ def test_matvec_of_a_few_rows_is_each_row_alone(rows, dtype, two_threads):
 
 
 @pytest.mark.parametrize("B, H, K, D, S", [(2, 9, 3, 64, 20), (1, 4, 4, 16, 5), (1, 8, 2, 128, 603),
-                                           (3, 6, 6, 64, 1), (1, 2, 1, 80, 77), (1, 12, 4, 96, 9)])
+                                           (3, 6, 6, 64, 1), (1, 2, 1, 80, 77), (1, 12, 4, 96, 9),
+                                           (2, 9, 3, 64, 256), (1, 4, 2, 32, 129)])
 def test_decode_attention_equals_sdpa(B, H, K, D, S, two_threads):
     torch.manual_seed(0)
     q = torch.randn(B, H, 1, D) * 3   # scores spread over tens: the softmax's exp is exercised widely

@@ -55,6 +55,8 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
+#include "decode_ops.inc"  // attend_one, rms_norm_row: shared with quant_kernels.cpp
+
 // Sum of w[i] * x[i] over n values: four independent accumulators keep the FMA units busy.
 template <typename T>
 float dot(const T* w, const float* x, int64_t n) {
@@ -154,22 +156,7 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
   const T *xs = x.data_ptr<T>(), *w = weight.data_ptr<T>();
   T* ys = y.data_ptr<T>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* row = xs + r * C;
-      __m256 squares = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 8 <= C; i += 8) {
-        const __m256 v = load8(row + i);
-        squares = _mm256_fmadd_ps(v, v, squares);
-      }
-      float sum = horizontal_sum(squares);
-      for (; i < C; ++i) sum += static_cast<float>(row[i]) * static_cast<float>(row[i]);
-      const float inverse_rms = 1.0f / std::sqrt(sum / static_cast<float>(C) + static_cast<float>(eps));
-      // HF Llama's order of roundings: normalise in fp32, round to T, then scale by the weight in T
-      for (i = 0; i < C; ++i)
-        ys[r * C + i] = static_cast<T>(static_cast<float>(w[i]) *
-                                       static_cast<float>(static_cast<T>(static_cast<float>(row[i]) * inverse_rms)));
-    }
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(xs + r * C, w, C, static_cast<float>(eps), ys + r * C);
   });
 }
 
@@ -179,86 +166,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor y = at::empty_like(x);
   dispatch_float_types(x.scalar_type(), "rms_norm", [&](auto t) { rms_norm_rows<decltype(t)>(x, weight, eps, y); });
   return y;
-}
-
-// exp(x) for eight x <= 0 (Cephes' expf: x = n ln2 + r, e^r by a degree-6 polynomial, times 2^n).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // e^-87 ~ 1.6e-38, still a normal float
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n*ln2
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-}
-
-// Attention of one query (D values, D % 8 == 0) over S keys and values whose rows are `stride` apart.
-// p is scratch for S scores. Every loop keeps eight independent FMA chains in flight: a single
-// accumulator would wait out each FMA's latency (~5 cycles) and run at a fifth of the speed.
-void attend_one(const float* query, const float* keys, const float* values, int64_t key_stride,
-                int64_t value_stride, int64_t S, int64_t D, float* p, float* out) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // Scores eight keys at a time: eight dot products, then one reduction tree that ends with all
-  // eight sums side by side in one register.
-  __m256 top8 = _mm256_set1_ps(-INFINITY);
-  int64_t s = 0;
-  for (; s + 8 <= S; s += 8) {
-    const float* k = keys + s * key_stride;
-    __m256 a[8];
-    for (auto& acc : a) acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 q = _mm256_loadu_ps(query + d);
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * key_stride + d), q, a[j]);
-    }
-    const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    // lo holds keys 0-3 in each 128-bit half (partial sums); hi keys 4-7: add the halves pairwise
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-    const __m256 scores = _mm256_mul_ps(sums, _mm256_set1_ps(scale));
-    _mm256_storeu_ps(p + s, scores);
-    top8 = _mm256_max_ps(top8, scores);
-  }
-  float top = -INFINITY;
-  for (int j = 0; j < 8; ++j) top = std::max(top, top8[j]);
-  for (; s < S; ++s) top = std::max(top, p[s] = dot(keys + s * key_stride, query, D) * scale);
-  // Softmax numerators and their sum.
-  __m256 total8 = _mm256_setzero_ps();
-  for (s = 0; s + 8 <= S; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), _mm256_set1_ps(top)));
-    _mm256_storeu_ps(p + s, e);
-    total8 = _mm256_add_ps(total8, e);
-  }
-  float total = horizontal_sum(total8);
-  for (; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
-  const __m256 inverse = _mm256_set1_ps(1.0f / total);
-  // out = sum_s p[s] v[s] / total: 32 lanes of out for even and for odd keys (eight chains), then
-  // the last D % 32 lanes eight at a time.
-  int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {
-    __m256 even[4], odd[4];
-    for (int j = 0; j < 4; ++j) even[j] = odd[j] = _mm256_setzero_ps();
-    const float* v = values + d;
-    for (s = 0; s + 2 <= S; s += 2) {
-      const __m256 pe = _mm256_broadcast_ss(p + s), po = _mm256_broadcast_ss(p + s + 1);
-      for (int j = 0; j < 4; ++j) {
-        even[j] = _mm256_fmadd_ps(pe, _mm256_loadu_ps(v + s * value_stride + 8 * j), even[j]);
-        odd[j] = _mm256_fmadd_ps(po, _mm256_loadu_ps(v + (s + 1) * value_stride + 8 * j), odd[j]);
-      }
-    }
-    for (int j = 0; j < 4; ++j) {
-      if (s < S) even[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + s), _mm256_loadu_ps(v + s * value_stride + 8 * j), even[j]);
-      _mm256_storeu_ps(out + d + 8 * j, _mm256_mul_ps(_mm256_add_ps(even[j], odd[j]), inverse));
-    }
-  }
-  for (; d < D; d += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (s = 0; s < S; ++s) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + s), _mm256_loadu_ps(values + s * value_stride + d), acc);
-    _mm256_storeu_ps(out + d, _mm256_mul_ps(acc, inverse));
-  }
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -32,6 +32,7 @@ import torch
 from llmkit.utils import atomic_path
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+INCLUDES = (Path(__file__).with_name("decode_ops.inc"),)  # shared with quant_kernels.cpp
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++20"]
 _state: dict = {}  # "loaded": bool, once the first call has settled it
 
@@ -123,7 +124,7 @@ def available() -> bool:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or compiler is None:
             return False
         try:
-            torch.ops.load_library(str(_build(compiler)))
+            torch.ops.load_library(str(_build(compiler, includes=INCLUDES)))
             _register_fakes()
             _state["loaded"] = True
         except (OSError, RuntimeError) as err:

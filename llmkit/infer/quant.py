@@ -37,7 +37,7 @@ INTEGER_ROWS = 8          # up to this many activation rows: integer dot product
 TILE_VALUES = 1 << 20     # weights dequantized per GEMM tile (4 MB of float32: stays in cache)
 
 SOURCE = Path(__file__).with_name("quant_kernels.cpp")
-INCLUDES = (Path(__file__).with_name("quant_isa.inc"),)
+INCLUDES = tuple(Path(__file__).with_name(name) for name in ("quant_isa.inc", "decode_ops.inc", "quant_step.inc"))
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++20"]   # no -m flags: ISAs are chosen at run time
 _state: dict = {}
 
@@ -177,6 +177,45 @@ class QuantEmbedding(nn.Module):
             return torch.ops.llmkit_quant.embedding(idx, self.blocks, FORMATS[self.format], isa())
         return torch.cat([dequantize(self.blocks, self.format, int(i), 1) for i in idx.flatten()]).view(
             *idx.shape, self.embedding_dim)
+
+
+def decode_block_applies(block: nn.Module, x: torch.Tensor, rope, cache, mask) -> bool:
+    """Whether this call of a decoder Block is one token of one row over a float32 cache, and the block
+    is Llama-style (RMSNorm, RoPE, SwiGLU) with its four linears quantized: then `decode_block` runs it
+    in one kernel call instead of ~65 PyTorch ops (the CPU path for single-row decoding)."""
+    if (mask is not None or cache is None or rope is None or rope[0].dim() != 2 or x.shape[:2] != (1, 1)
+            or x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous() or torch.is_grad_enabled()
+            or block.training):
+        return False
+    if (cache.index is not None or cache.positions is not None or cache.k.dtype != torch.float32
+            or cache.end != cache.start + 1):
+        return False
+    if "_fused" not in block.__dict__:
+        block._fused = _fused_arguments(block)
+    return (block._fused is not None and all(n.weight.dtype == torch.float32 for n in block._fused[0])
+            and available() and isa() >= ISAS["avx2"])
+
+
+def _fused_arguments(block: nn.Module) -> tuple | None:
+    """The modules decode_block reads `block`'s weights from (norms, linears), or None if it is not a
+    block decode_block runs. Their tensors are read at every call: a later .to() or load replaces them."""
+    from llmkit.model.layers import RMSNorm, SwiGLU
+
+    attn, mlp, norms = block.attn, block.mlp, (block.attn_norm, block.mlp_norm)
+    if not (isinstance(mlp, SwiGLU) and all(isinstance(n, RMSNorm) for n in norms)):
+        return None
+    linears = (attn.qkv, attn.proj, mlp.gate_up, mlp.proj)
+    if not all(isinstance(m, QuantLinear) for m in linears) or norms[0].eps != norms[1].eps or attn.head_dim % 8:
+        return None
+    return norms, linears
+
+
+def decode_block(block: nn.Module, x: torch.Tensor, rope, cache) -> torch.Tensor:
+    """Block.forward for one token of row 0, in one call (see decode_block_applies)."""
+    norms, linears = block._fused
+    return torch.ops.llmkit_quant.decode_block(
+        x, [n.weight for n in norms], norms[0].eps, [m.blocks for m in linears], [FORMATS[m.format] for m in linears],
+        [m.bias for m in linears], rope[0], rope[1], cache.k, cache.v, cache.start, block.attn.n_head, isa())
 
 
 def quantize_linears(model: nn.Module, weights: dict[str, QuantWeight]) -> nn.Module:

@@ -14,6 +14,7 @@
 //   llmkit_quant::dequantize(blocks, format, first, count, isa)   rows first..first+count-1 to float32
 //       (prefill tiles: a GEMM over a dequantized tile beats integer dots once there are many rows).
 //   llmkit_quant::embedding(ids, blocks, format, isa)   the rows of `ids`, for token embeddings.
+//   llmkit_quant::decode_block(...)   one decoding step of a whole Llama-style block (quant_step.inc).
 //   llmkit_quant::isa_supported(isa)   whether this CPU runs an ISA: 1 generic C++, 2 AVX2+FMA+F16C,
 //       3 AVX-512 VL/BW + VNNI (vpdpwssd on 256-bit vectors); 0 asks for the best one.
 #include <ATen/Parallel.h>
@@ -41,7 +42,7 @@ int format_index(int64_t format) {
   return format == Q8_0 ? 0 : format == Q4_0 ? 1 : 2;
 }
 
-using DotFn = float (*)(const uint8_t*, const int16_t*, const float*, const float*, int64_t);
+using DotFn = float (*)(const uint8_t*, const int16_t*, const float*, int64_t);
 using DequantizeFn = void (*)(const uint8_t*, int64_t, float*);
 struct Kernels {
   DotFn dot[3];                 // by format_index
@@ -60,8 +61,8 @@ inline float half_to_float(const uint8_t* p) {
 inline int q4_value(const uint8_t* qs, int i) { return i < 16 ? qs[i] & 15 : qs[i - 16] >> 4; }
 
 template <int F>
-float dot(const uint8_t* w, const int16_t* xq, const float* xd, const float* xs, int64_t nb) {
-  float acc = 0.0f;
+float dot(const uint8_t* w, const int16_t* xq, const float* ds, int64_t nb) {
+  float acc = 0.0f, offset = 0.0f;
   for (int64_t b = 0; b < nb; ++b, w += block_bytes(F)) {
     const int16_t* x = xq + b * QK;
     const float d = half_to_float(w);
@@ -71,11 +72,11 @@ float dot(const uint8_t* w, const int16_t* xq, const float* xd, const float* xs,
     } else {
       for (int i = 0; i < QK; ++i) sum += q4_value(w + (F == Q4_1 ? 4 : 2), i) * x[i];
     }
-    acc += d * xd[b] * static_cast<float>(sum);
-    if constexpr (F == Q4_0) acc -= 8.0f * d * xs[b];
-    if constexpr (F == Q4_1) acc += half_to_float(w + 2) * xs[b];
+    acc += d * ds[2 * b] * static_cast<float>(sum);
+    if constexpr (F == Q4_0) offset += d * ds[2 * b + 1];
+    if constexpr (F == Q4_1) offset += half_to_float(w + 2) * ds[2 * b + 1];
   }
-  return acc;
+  return acc + (F == Q4_0 ? -8.0f * offset : offset);
 }
 
 template <int F>
@@ -103,6 +104,8 @@ namespace avx2 {
 // acc + pairs of int16 products summed to int32 (|sums| < 2 * 127 * 32767: no overflow).
 inline __m256i dot_i16(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
 #include "quant_isa.inc"
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#include "decode_ops.inc"  // decode_block's attention and RMSNorm, on every CPU with AVX2
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -156,12 +159,12 @@ const Kernels& kernels_for(int64_t isa) {
 }
 
 // One activation row rounded to int16 per block of 32: q = round(x / d), d = max|x| / 32767, with
-// s = d * sum(q) per block for the constant terms of Q4_0 and Q4_1.
+// ds = (d, d * sum(q)) per block: the scale, and the sum the constant terms of Q4_0 and Q4_1 need.
 struct QuantRow {
   std::vector<int16_t> q;
-  std::vector<float> d, s;
+  std::vector<float> ds;
 
-  QuantRow(const float* x, int64_t n) : q(n), d(n / QK), s(n / QK) {
+  QuantRow(const float* x, int64_t n) : q(n), ds(n / QK * 2) {
     for (int64_t b = 0; b < n / QK; ++b) {
       const float* xb = x + b * QK;
       float amax = 0.0f;
@@ -169,8 +172,8 @@ struct QuantRow {
       const float scale = amax / 32767.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
       int32_t sum = 0;
       for (int i = 0; i < QK; ++i) sum += q[b * QK + i] = static_cast<int16_t>(std::nearbyint(xb[i] * inverse));
-      d[b] = scale;
-      s[b] = scale * static_cast<float>(sum);
+      ds[2 * b] = scale;
+      ds[2 * b + 1] = scale * static_cast<float>(sum);
     }
   }
 };
@@ -205,7 +208,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t format,
   at::parallel_for(0, out, std::max<int64_t>(1, 131072 / (in * rows)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t m = 0; m < rows; ++m)
-        ys[m * out + r] = dot(w + r * row_bytes, xq[m].q.data(), xq[m].d.data(), xq[m].s.data(), nb) + (b ? b[r] : 0.0f);
+        ys[m * out + r] = dot(w + r * row_bytes, xq[m].q.data(), xq[m].ds.data(), nb) + (b ? b[r] : 0.0f);
   });
   return y;
 }
@@ -241,12 +244,16 @@ at::Tensor embedding(const at::Tensor& ids, const at::Tensor& blocks, int64_t fo
   return out;
 }
 
+#include "quant_step.inc"
+
 }  // namespace
 
 TORCH_LIBRARY(llmkit_quant, m) {
   m.def("linear(Tensor x, Tensor blocks, int format, Tensor? bias, int isa) -> Tensor");
   m.def("dequantize(Tensor blocks, int format, int first, int count, int isa) -> Tensor");
   m.def("embedding(Tensor ids, Tensor blocks, int format, int isa) -> Tensor");
+  m.def("decode_block(Tensor x, Tensor[] norms, float eps, Tensor[] blocks, int[] formats, Tensor?[] biases, "
+        "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int n_head, int isa) -> Tensor");
   m.def("isa_supported(int isa) -> bool", isa_supported);
   m.def("best_isa() -> int", best_isa);
 }
@@ -255,4 +262,5 @@ TORCH_LIBRARY_IMPL(llmkit_quant, CPU, m) {
   m.impl("linear", TORCH_FN(linear));
   m.impl("dequantize", TORCH_FN(dequantize));
   m.impl("embedding", TORCH_FN(embedding));
+  m.impl("decode_block", TORCH_FN(decode_block));
 }
