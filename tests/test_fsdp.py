@@ -28,6 +28,7 @@ from llmkit.io.checkpoint import load_checkpoint
 from llmkit.model.lora import ADAPTER_WEIGHTS
 from llmkit.tokenizer import Tokenizer
 from llmkit.train.config import TrainConfig
+from llmkit.train import distributed
 from llmkit.train.encoder import EncoderTrainer
 from llmkit.io.encoders import load_encoder
 from llmkit.train.trainer import Trainer
@@ -70,9 +71,9 @@ def test_fsdp_two_processes_match_ddp_and_one_process_and_reshard(tmp_path, monk
     Trainer(dec("one-then-two", strategy="fsdp", max_steps=2)).fit()  # one process, sharded checkpoint
     torchrun([(dec("fsdp", strategy="fsdp", activation_checkpointing=True), False),
               (dec("ddp"), False),
-              (enc("enc-fsdp", strategy="fsdp"), False),
+              (enc("enc-fsdp", strategy="fsdp", fsdp_unit_mb=0), False),
               (enc("enc-ddp"), False),
-              (dec("two-then-one", strategy="fsdp", max_steps=2), False),
+              (dec("two-then-one", strategy="fsdp", max_steps=2, fsdp_unit_mb=0), False),
               (dec("one-then-two", strategy="fsdp"), True)], tmp_path)
     Trainer(dec("two-then-one", strategy="fsdp"), resume=True).fit()
 
@@ -109,6 +110,37 @@ def test_fsdp_in_one_process_bf16_and_activation_checkpointing(tmp_path):
     with pytest.raises(Exception, match="whole-model"):
         shutil.copytree(tmp_path / "plain", tmp_path / "plain2", symlinks=True)
         Trainer(tiny_config(data, tmp_path / "plain2", strategy="fsdp", **{**kw, "max_steps": 3}), resume=True)
+
+
+def test_fsdp_units_group_blocks_by_size_and_the_last_stays_gathered(tmp_path):
+    """fsdp_unit_mb groups consecutive blocks into FSDP units (fewer, larger collectives); the last
+    unit is not resharded after forward (its backward comes next); nonsense values are one clear line."""
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(LlmkitError, match=r"^fsdp_unit_mb must be a number >= 0, got"):
+            TrainConfig(fsdp_unit_mb=bad)
+    with pytest.raises(LlmkitError, match="fsdp_unit_mb"):
+        TrainConfig(fsdp_unit_mb="lots")
+    kb = [torch.nn.Linear(256, 1, bias=False) for _ in range(5)]  # 1 KiB of parameters each
+    assert [len(g) for g in distributed.units(kb, 2048)] == [2, 2, 1]
+    assert [len(g) for g in distributed.units(kb, 0)] == [1] * 5
+    assert [len(g) for g in distributed.units(kb, 1e9)] == [5]
+
+    data = make_data_dir(tmp_path)
+    block_mb = 12_352 * 4 / 2**20  # parameters of one char-tiny block with n_embd 32, in MB
+    trainer = Trainer(tiny_config(data, tmp_path / "run", strategy="fsdp", fsdp_unit_mb=1.5 * block_mb,
+                                  model={"n_layer": 4}, max_steps=1, eval_interval=0))
+    model = trainer.raw_model
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == 12_352
+    gathered = lambda block: not any(hasattr(p, "to_local") for p in block.parameters())  # noqa: E731
+    x, y = trainer.next_batch(trainer.train_sampler)
+    loss = trainer.compute_loss(x, y)
+    assert [gathered(b) for b in model.blocks] == [False, False, True, True]  # units: blocks 0-1, 2-3
+    loss.backward()
+    assert not any(gathered(b) for b in model.blocks)
+    model.blocks[0].unshard()  # one unit: gathering block 0 gathers block 1 with it
+    assert [gathered(b) for b in model.blocks] == [True, True, False, False]
+    model.reshard()
+    trainer.close()
 
 
 def sft_config(chats, out, **kw) -> TrainConfig:

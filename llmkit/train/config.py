@@ -58,6 +58,8 @@ class TrainConfig:
     progress: bool = True              # tqdm bar on stderr (rank 0 only)
     strategy: str = "ddp"              # ddp | fsdp (FSDP2: sharded parameters, gradients, optimizer, checkpoints)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    fsdp_unit_mb: float = 16.0         # strategy=fsdp: consecutive blocks grouped into units of >= this many MB
+                                       # of parameters (0: one unit per block); see README's FSDP section
     init_from: str | None = None       # start from this model's weights and config (continued pretraining)
     overwrite: bool = False            # train into an out_dir that already holds a checkpoint, replacing it
 
@@ -98,6 +100,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "min_lr"):
             check_range(name, getattr(self, name), 0)
         check_range("lr", self.lr, 0, low_open=True)
+        check_range("fsdp_unit_mb", self.fsdp_unit_mb, 0)
         check_range("beta1", self.beta1, 0, 1, high_open=True)
         check_range("beta2", self.beta2, 0, 1, high_open=True)
         if self.threads is not None:

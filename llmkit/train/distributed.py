@@ -5,9 +5,9 @@ we are a single process and every helper here degrades to a no-op (except that
 FSDP, which always needs a process group, gets a one-process one).
 
 strategy=ddp   every rank holds the whole model; gradients are all-reduced in backward.
-strategy=fsdp  PyTorch's FSDP2 (`fully_shard`) per block and at the root: each rank keeps
+strategy=fsdp  PyTorch's FSDP2 (`fully_shard`) per unit of blocks and at the root: each rank keeps
                1/world of the parameters, gradients and optimizer moments; parameters are
-               all-gathered block by block for compute, gradients reduce-scattered.
+               all-gathered unit by unit for compute, gradients reduce-scattered.
 """
 from __future__ import annotations
 
@@ -129,14 +129,34 @@ def return_freed_buffers_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
     return bool(mallopt(m_mmap_threshold, threshold))
 
 
-def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP2 in place: one unit per block (gathered just for its compute) plus the root for the rest.
-    `param_dtype` (bf16) casts parameters for compute; gradients are reduced in float32."""
+def units(modules: list[torch.nn.Module], min_bytes: float) -> list[list[torch.nn.Module]]:
+    """Consecutive modules grouped until each group holds at least `min_bytes` of parameters (the
+    last group may hold less); min_bytes=0 gives one group per module."""
+    groups: list[list[torch.nn.Module]] = []
+    size = min_bytes
+    for module in modules:
+        if size >= min_bytes:  # the previous group is full: start the next one
+            groups.append([])
+            size = 0
+        groups[-1].append(module)
+        size += sum(p.numel() * p.element_size() for p in module.parameters())
+    return groups
+
+
+def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None, unit_mb: float = 0.0) -> None:
+    """FSDP2 in place: consecutive blocks grouped into units of at least `unit_mb` MB, each gathered just
+    for its compute, plus the root for the rest. `param_dtype` (bf16) casts parameters for compute;
+    gradients are reduced in float32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for block in blocks(model):
-        fully_shard(block, mp_policy=policy)
+    groups = units(blocks(model), unit_mb * 2**20)
+    for i, group in enumerate(groups):
+        # The last unit's backward starts right after the loss: resharding it after forward would only
+        # gather it again at once. Every unit's all-gather and reduce-scatter blocks the compute on gloo,
+        # so fewer, larger units save most of FSDP's extra step time on small models.
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=policy,
+                    reshard_after_forward=i < len(groups) - 1)
     # The root (embeddings, head, final norm) is gathered first in backward anyway: keeping it gathered
     # after forward saves one all-gather per step for the memory of one unit.
     fully_shard(model, mp_policy=policy, reshard_after_forward=False)

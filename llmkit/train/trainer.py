@@ -84,7 +84,8 @@ class Trainer:
             if self.dtype == torch.float16:
                 raise LlmkitError("strategy=fsdp trains in float32 or bfloat16 (float16 needs a gradient scaler "
                                   "over sharded gradients, which llmkit does not do)")
-            distributed.shard(self.raw_model, self.dtype if self.dtype != torch.float32 else None)
+            distributed.shard(self.raw_model, self.dtype if self.dtype != torch.float32 else None,
+                              cfg.fsdp_unit_mb)
         self.optimizer = build_adamw(self.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                      self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
