@@ -37,7 +37,8 @@ TRAIN_SETTINGS = (
     "weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, dtype=float32, device=auto, compile=false, "
     "eval_interval=250, eval_iters=20, log_interval=10, ckpt_interval=1000, seed=1337, tensorboard=false, "
     "objective=causal, peak_flops=measured, threads=torch's default, progress=true, strategy=ddp, "
-    "activation_checkpointing=false, init_from=none, overwrite=false, lr_schedule=cosine, label_smoothing=0.0; "
+    "activation_checkpointing=false, fsdp_unit_mb=16.0, init_from=none, overwrite=false, lr_schedule=cosine, "
+    "label_smoothing=0.0; "
     "model.NAME=VALUE overrides the preset's model settings (model.n_layer=6, model.dropout=0.1, ...)"
 )
 
