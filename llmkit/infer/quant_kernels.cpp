@@ -185,31 +185,48 @@ void check_blocks(const at::Tensor& blocks, int64_t format) {
               "(rows, blocks * ", block_bytes(format), ") tensor");
 }
 
+// One quantized weight matrix as the products read it: checked once, then used by row.
+struct QuantMatrix {
+  const uint8_t* w;
+  int64_t rows, row_bytes, nb;
+  DotFn dot;
+  const float* bias;
+};
+
+QuantMatrix quant_matrix(const at::Tensor& blocks, int64_t format, const std::optional<at::Tensor>& bias,
+                         int64_t isa) {
+  check_blocks(blocks, format);
+  const int64_t rows = blocks.size(0);
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == rows),
+              "quantized kernels: bad bias");
+  return {blocks.data_ptr<uint8_t>(), rows, blocks.size(1), blocks.size(1) / block_bytes(format),
+          kernels_for(isa).dot[format_index(format)], bias ? bias->data_ptr<float>() : nullptr};
+}
+
+// ys[a * rows + r] = weight row r . activation row a (+ bias): each weight row is read once and
+// multiplied by every activation row while it is in L1; threads split the weight rows.
+void products(const QuantMatrix& m, const std::vector<QuantRow>& xq, float* ys) {
+  const int64_t n = static_cast<int64_t>(xq.size());
+  at::parallel_for(0, m.rows, std::max<int64_t>(1, 131072 / (m.nb * QK * n)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t a = 0; a < n; ++a)
+        ys[a * m.rows + r] = m.dot(m.w + r * m.row_bytes, xq[a].q.data(), xq[a].ds.data(), m.nb) +
+                             (m.bias ? m.bias[r] : 0.0f);
+  });
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks, int64_t format, const std::optional<at::Tensor>& bias,
                   int64_t isa) {
-  check_blocks(blocks, format);
-  const int64_t out = blocks.size(0), nb = blocks.size(1) / block_bytes(format), in = nb * QK;
+  const QuantMatrix m = quant_matrix(blocks, format, bias, isa);
+  const int64_t in = m.nb * QK;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(-1) == in, "quantized linear: x must be float32 (..., ", in, ")");
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out),
-              "quantized linear: bad bias");
-  const DotFn dot = kernels_for(isa).dot[format_index(format)];
   const at::Tensor xc = x.contiguous();
-  const int64_t rows = xc.numel() / in;
   std::vector<QuantRow> xq;
-  for (int64_t m = 0; m < rows; ++m) xq.emplace_back(xc.data_ptr<float>() + m * in, in);
+  for (int64_t a = 0; a < xc.numel() / in; ++a) xq.emplace_back(xc.data_ptr<float>() + a * in, in);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out;
+  shape.back() = m.rows;
   at::Tensor y = at::empty(shape, x.options());
-  float* ys = y.data_ptr<float>();
-  const uint8_t* w = blocks.data_ptr<uint8_t>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  const int64_t row_bytes = blocks.size(1);
-  // Each weight row is read once and multiplied by every activation row while it is in L1.
-  at::parallel_for(0, out, std::max<int64_t>(1, 131072 / (in * rows)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t m = 0; m < rows; ++m)
-        ys[m * out + r] = dot(w + r * row_bytes, xq[m].q.data(), xq[m].ds.data(), nb) + (b ? b[r] : 0.0f);
-  });
+  products(m, xq, y.data_ptr<float>());
   return y;
 }
 
