@@ -93,9 +93,15 @@ def run_llmkit(model_dir, dtype, ids, new_tokens, repeats, compiled):
     # as `llmkit generate` and `llmkit chat` do
     model = optimize_for_inference(model.to(dtype).eval(), single_row=True)
     decoder = Decoder(model, 1, len(ids) + new_tokens, compile=compiled)
+    with torch.inference_mode():
+        return measure(*decoder_runs(decoder, ids, new_tokens), repeats)
 
+
+def decoder_runs(decoder, ids, new_tokens):
+    """(prefill, decode) for measure(): the prompt into the decoder's one cache, started over each time
+    (one cache, as one `llmkit generate` holds; a compiled graph keeps its buffers), then greedy steps."""
     def prefill():
-        decoder.cache.reset()  # start over in the same cache (the compiled graph keeps its buffers)
+        decoder.cache.reset()
         return decoder.prefill([ids]), decoder
 
     def decode(logits, decoder):
@@ -103,12 +109,10 @@ def run_llmkit(model_dir, dtype, ids, new_tokens, repeats, compiled):
         tok = logits.argmax(-1)
         for _ in range(new_tokens):
             out.append(int(tok))
-            logits = decoder.step(tok)
-            tok = logits.argmax(-1)
+            tok = decoder.step(tok).argmax(-1)
         return out
 
-    with torch.inference_mode():
-        return measure(prefill, decode, repeats)
+    return prefill, decode
 
 
 def run_floor(model_dir, dtype, repeats):
@@ -168,22 +172,9 @@ def run_llmkit_quantized(gguf_path, ids, new_tokens, repeats):
     with torch.inference_mode():
         model(torch.tensor([tokenizer.encode("Hello")]), last_only=True)[0].argmax()
     load = time.perf_counter() - start
-    # one cache for every repeat, as one `llmkit generate` holds one (peak RSS counts it once)
-    decoder = Decoder(model, 1, len(ids) + new_tokens)
-
-    def prefill():
-        decoder.cache.reset()
-        return decoder.prefill([ids]), decoder
-
-    def decode(logits, decoder):
-        out, tok = [], logits.argmax(-1)
-        for _ in range(new_tokens):
-            out.append(int(tok))
-            tok = decoder.step(tok).argmax(-1)
-        return out
-
+    decoder = Decoder(model, 1, len(ids) + new_tokens)  # one cache for every repeat: peak RSS counts it once
     with torch.inference_mode():
-        return (*measure(prefill, decode, repeats), load)
+        return (*measure(*decoder_runs(decoder, ids, new_tokens), repeats), load)
 
 
 def run_llama_cpp(gguf_path, ids, new_tokens, repeats, threads):
